@@ -1,0 +1,61 @@
+"""Tidechat's Flask app factory: configuration, storage, Redis, Celery and the views."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import click
+import redis
+from flask import Flask
+
+from tidechat import db, errors
+from tidechat.config import INSTANCE_DIR, finalize, load_config
+from tidechat.redis_keys import RedisKeys
+from tidechat.stream_bus import StreamBus
+from tidechat.views import api, events, page
+from worker import celery_init_app
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    app = Flask(__name__, instance_path=str(INSTANCE_DIR))
+    app.config.from_mapping(load_config())
+    app.config.from_prefixed_env("TIDECHAT")
+    if test_config:
+        app.config.update(test_config)
+    finalize(app.config)
+    app.config.update(
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        PERMANENT_SESSION_LIFETIME=timedelta(days=400),
+    )
+
+    errors.register(app)
+    db.init_app(app)
+    init_redis(app)
+    celery_init_app(app)
+
+    app.register_blueprint(page.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(events.bp)
+
+    @app.cli.command("init-db")
+    def init_db() -> None:
+        """Create or migrate the database schema (the Procfile's release step)."""
+        db.upgrade(app.config["DATABASE_URL"])
+        click.echo("database is at the latest revision")
+
+    return app
+
+
+def init_redis(app: Flask) -> None:
+    pool = redis.BlockingConnectionPool.from_url(
+        app.config["REDIS_URL"],
+        max_connections=int(app.config.get("REDIS_MAX_CONNECTIONS", 10)),
+        timeout=20,
+    )
+    keys = RedisKeys(app.config["KEY_PREFIX"])
+    app.extensions["redis_keys"] = keys
+    app.extensions["stream_bus"] = StreamBus(
+        redis.Redis(connection_pool=pool), keys, app.config["STREAM_TTL"]
+    )

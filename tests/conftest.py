@@ -1,0 +1,130 @@
+"""Fixtures: real Redis, a real Celery worker, a real gunicorn+gevent server.
+
+Every test session gets its own Redis key prefix (which also prefixes Celery's broker keys)
+and its own SQLite file, so runs never see each other's data. The model is the scripted
+loopback server in ``model_server.py``, the one permitted test double.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from app import create_app
+from tests.model_server import ModelServer
+from tests.stack import Proc, WebProc, start_web, start_worker
+from tidechat import db
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def key_prefix() -> str:
+    return f"tctest:{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.fixture(scope="session")
+def redis_client(redis_url: str, key_prefix: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    client.ping()
+    yield client
+    for key in client.scan_iter(match=key_prefix + "*", count=1000):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def model_server() -> Iterator[ModelServer]:
+    server = ModelServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tidechat")
+
+
+@pytest.fixture(scope="session")
+def settings(
+    redis_url: str, key_prefix: str, model_server: ModelServer, workdir: Path, redis_client
+) -> dict[str, str]:
+    """The environment every process of the test stack runs with."""
+    database_url = f"sqlite:///{workdir / 'tidechat.db'}"
+    db.upgrade(database_url)
+    return {
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": database_url,
+        "OPENAI_BASE_URL": model_server.base_url,
+        "OPENAI_API_KEY": "sk-test-never-sent-to-browsers",
+        "SECRET_KEY": "test-secret-" + key_prefix,
+        "TIDECHAT_KEY_PREFIX": key_prefix,
+        "TIDECHAT_CELERY_QUEUE": key_prefix + "generate",
+        "TIDECHAT_PING_INTERVAL": "1",
+        "TIDECHAT_LEASE_TTL": "2",
+        "TIDECHAT_LEASE_RENEW": "0.5",
+        "TIDECHAT_REAP_INTERVAL": "0.5",
+        "TIDECHAT_OPENAI_TIMEOUT": "10",
+        "TIDECHAT_MAX_MESSAGE_CHARS": "2000",
+    }
+
+
+@pytest.fixture(scope="session")
+def process_env(settings: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TIDECHAT_", "OPENAI_"))}
+    env.update(settings)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture(scope="session")
+def worker(process_env: dict[str, str], workdir: Path) -> Iterator[Proc]:
+    proc = start_worker(process_env, workdir)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def web(process_env: dict[str, str], workdir: Path, worker: Proc) -> Iterator[WebProc]:
+    proc = start_web(process_env, workdir)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def http(web: WebProc) -> Iterator[httpx.Client]:
+    """A browser-like client of the real server: its own cookie jar, so its own identity."""
+    with httpx.Client(base_url=web.url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+def other_http(web: WebProc) -> Iterator[httpx.Client]:
+    """A second person, with a different identity."""
+    with httpx.Client(base_url=web.url, timeout=30) as client:
+        yield client
+
+
+# Flask's tutorial fixtures, for tests of the HTTP contract that need no worker.
+@pytest.fixture
+def app(settings: dict[str, str], monkeypatch: pytest.MonkeyPatch):
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    app = create_app({"TESTING": True})
+    yield app
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()

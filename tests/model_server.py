@@ -1,0 +1,227 @@
+"""A scripted, loopback OpenAI-compatible server: the one test double Tidechat allows.
+
+It speaks the chat-completions streaming wire format byte for byte (chunked HTTP/1.1,
+``data: {...}`` events, ``data: [DONE]``). Each test registers a ``Script`` and gets a
+unique model name; requests for that model play the script: chunks with delays, an HTTP
+429/500, an ``{"error": ...}`` event mid-stream, a cut connection, or silence. The server
+records every request and when the client hung up, so tests can see the upstream side.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+DEFAULT_USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+
+
+@dataclass
+class Script:
+    chunks: list[str] = field(default_factory=lambda: ["Hello", ", ", "world", "!"])
+    delay: float = 0.0  # seconds before each chunk after the first
+    first_delay: float = 0.0  # seconds before the first chunk (time to first token)
+    finish_reason: str | None = "stop"  # None: the stream ends without one
+    usage: dict[str, int] | None = field(default_factory=lambda: dict(DEFAULT_USAGE))
+    status: int = 200  # non-200: answer with this HTTP error instead of a stream
+    fail_first: int | None = None  # with status: only the first N requests fail
+    error_event: dict[str, Any] | None = None  # sent as data: {"error": ...} after the chunks
+    cut: bool = False  # after the chunks, drop the connection mid-body
+    hang: float = 0.0  # after the chunks, stay silent this long before finishing
+
+
+@dataclass
+class Record:
+    body: dict[str, Any]
+    started: float
+    hung_up: float | None = None  # when the client closed the connection on us
+    chunks_sent: int = 0
+
+
+class _Hangup(Exception):
+    pass
+
+
+class ModelServer:
+    def __init__(self) -> None:
+        self.scripts: dict[str, Script] = {}
+        self.records: dict[str, list[Record]] = {}
+        self._lock = threading.Lock()
+        handler = type("Handler", (_Handler,), {"model_server": self})
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> ModelServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def script(self, script: Script | None = None, **kwargs: Any) -> str:
+        """Register a script; returns the model name that plays it."""
+        name = f"scripted-{uuid.uuid4().hex[:12]}"
+        with self._lock:
+            self.scripts[name] = script or Script(**kwargs)
+            self.records[name] = []
+        return name
+
+    def requests_for(self, model: str) -> list[Record]:
+        with self._lock:
+            return list(self.records.get(model, []))
+
+    def wait_for_hangup(self, model: str, timeout: float) -> float | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            records = self.requests_for(model)
+            if records and records[-1].hung_up is not None:
+                return records[-1].hung_up
+            time.sleep(0.01)
+        return None
+
+    def wait_for_request(self, model: str, timeout: float, chunks: int = 0) -> Record:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            records = self.requests_for(model)
+            if records and records[-1].chunks_sent >= chunks:
+                return records[-1]
+            time.sleep(0.01)
+        raise TimeoutError(f"no request for {model} with {chunks} chunks sent")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    model_server: ModelServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
+        pass
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") == "/v1/models":
+            names = list(self.model_server.scripts)
+            data = [{"id": n, "object": "model", "owned_by": "tests"} for n in names]
+            self._json(200, {"object": "list", "data": data})
+        else:
+            self._json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", 0))
+        body = json.loads(self.rfile.read(length) or b"{}")
+        server = self.model_server
+        model = body.get("model", "")
+        with server._lock:
+            script = server.scripts.get(model)
+            record = Record(body=body, started=time.monotonic())
+            server.records.setdefault(model, []).append(record)
+            attempt = len(server.records[model])
+        if script is None:
+            self._json(404, {"error": {"message": f"model {model!r} not found", "type": "x"}})
+            return
+        failing = script.status != 200 and (
+            script.fail_first is None or attempt <= script.fail_first
+        )
+        if failing:
+            message = {429: "Rate limit reached", 500: "The server had an error"}.get(
+                script.status, "error"
+            )
+            headers = {"retry-after-ms": "10"} if script.status == 429 else {}
+            self._json(script.status, {"error": {"message": message, "type": "x"}}, headers)
+            return
+        try:
+            self._stream(script, record, model)
+        except (_Hangup, BrokenPipeError, ConnectionResetError):
+            record.hung_up = record.hung_up or time.monotonic()
+        self.close_connection = True
+
+    # -- streaming ------------------------------------------------------------------
+    def _stream(self, script: Script, record: Record, model: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        chunk_id = f"chatcmpl-{uuid.uuid4().hex[:20]}"
+        created = int(time.time())
+
+        def chunk(delta: dict, finish: str | None = None, **extra: Any) -> dict:
+            return {
+                "id": chunk_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": None,
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                ],
+                **extra,
+            }
+
+        self._wait(script.first_delay, record)
+        self._event(chunk({"role": "assistant", "content": ""}))
+        for i, text in enumerate(script.chunks):
+            if i:
+                self._wait(script.delay, record)
+            self._event(chunk({"content": text}))
+            record.chunks_sent += 1
+        self._wait(script.hang, record)
+        if script.error_event is not None:
+            self._event({"error": script.error_event})
+            self._end_body()
+            return
+        if script.cut:
+            # Drop the connection without the chunked terminator: a broken body.
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if script.finish_reason is not None:
+            self._event(chunk({}, script.finish_reason))
+        if script.usage is not None:
+            self._event({**chunk({}), "choices": [], "usage": script.usage})
+        if script.finish_reason is not None:
+            self._send_raw(b"data: [DONE]\n\n")
+        self._end_body()
+
+    def _event(self, payload: dict) -> None:
+        self._send_raw(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+    def _send_raw(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _end_body(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _wait(self, seconds: float, record: Record) -> None:
+        """Sleep, but notice at once if the client hangs up meanwhile."""
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            readable, _, _ = select.select([self.connection], [], [], left)
+            if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                record.hung_up = time.monotonic()
+                raise _Hangup()
+
+    def _json(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)

@@ -1,0 +1,135 @@
+"""End to end: POST → Celery worker → model stream → Redis Stream → SSE, through real processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import new_conversation, read_events, send, start, text
+from tests.model_server import Script
+
+pytestmark = pytest.mark.e2e
+
+
+def test_answer_streams_exactly_and_is_stored(http, model_server):
+    chunks = ["The ", "tide ", "comes ", "in", ".\n\n", "Ünïcødé ✓ ", "🌊"]
+    model = model_server.script(chunks=chunks, delay=0.01)
+    cid, gen = start(http, model, "Tell me about tides")
+
+    events = read_events(http, gen["events_url"])
+
+    assert [e.event for e in events] == ["delta"] * len(chunks) + ["done"]
+    assert text(events) == "".join(chunks)
+    assert events[-1].data == {
+        "finish_reason": "stop",
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+    }
+    assert len({e.id for e in events}) == len(events)
+
+    conversation = http.get(f"/api/conversations/{cid}").json()
+    user, assistant = conversation["messages"]
+    assert (user["role"], user["content"], user["status"]) == ("user", "Tell me about tides", "done")
+    assert assistant["content"] == "".join(chunks)
+    assert assistant["status"] == "done"
+    assert assistant["finish_reason"] == "stop"
+    assert assistant["generation_id"] == gen["id"]
+    assert assistant["usage"]["total_tokens"] == 10
+    assert conversation["title"] == "Tell me about tides"
+
+    generation = http.get(f"/api/generations/{gen['id']}").json()
+    assert generation["status"] == "done" and generation["text"] == "".join(chunks)
+
+
+def test_model_sees_the_whole_conversation(http, model_server):
+    model = model_server.script(chunks=["first answer"])
+    cid = new_conversation(http)
+    read_events(http, send(http, cid, "first question", model)["events_url"])
+    read_events(http, send(http, cid, "second question", model)["events_url"])
+
+    last = model_server.requests_for(model)[-1].body
+    assert last["messages"] == [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": "second question"},
+    ]
+    assert last["stream"] is True
+    assert last["stream_options"] == {"include_usage": True}
+
+
+def test_answer_without_usage_is_fine(http, model_server):
+    model = model_server.script(chunks=["no usage here"], usage=None)
+    _, gen = start(http, model)
+    events = read_events(http, gen["events_url"])
+    assert events[-1].data == {"finish_reason": "stop", "usage": None}
+
+
+def test_length_finish_reason_is_reported(http, model_server):
+    model = model_server.script(chunks=["cut short"], finish_reason="length")
+    _, gen = start(http, model)
+    assert read_events(http, gen["events_url"])[-1].data["finish_reason"] == "length"
+
+
+def test_non_streaming_mode_returns_the_finished_message(http, model_server):
+    model = model_server.script(chunks=["all ", "at ", "once"], delay=0.02)
+    cid = new_conversation(http)
+    response = http.post(
+        f"/api/conversations/{cid}/messages",
+        json={"content": "no stream please", "model": model, "stream": False},
+    )
+    assert response.status_code == 200, response.text
+    message = response.json()["message"]
+    assert message["role"] == "assistant"
+    assert message["content"] == "all at once"
+    assert message["status"] == "done"
+    assert message["finish_reason"] == "stop"
+
+
+def test_two_clients_on_one_generation_get_identical_events(http, web, model_server):
+    import threading
+
+    import httpx
+
+    model = model_server.script(chunks=[f"tok{i} " for i in range(30)], delay=0.03)
+    _, gen = start(http, model)
+    second = httpx.Client(base_url=web.url, cookies=http.cookies, timeout=30)
+    results: dict[str, list] = {}
+
+    def read(name: str, client) -> None:
+        results[name] = read_events(client, gen["events_url"])
+
+    threads = [
+        threading.Thread(target=read, args=("a", http)),
+        threading.Thread(target=read, args=("b", second)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    second.close()
+    assert results["a"] == results["b"]
+    assert text(results["a"]) == "".join(f"tok{i} " for i in range(30))
+
+
+def test_sse_headers_and_first_bytes(http, model_server):
+    model = model_server.script(chunks=["x"], first_delay=1.5)
+    _, gen = start(http, model)
+    with http.stream("GET", gen["events_url"]) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"] == "no-cache"
+        assert response.headers["x-accel-buffering"] == "no"
+        assert "content-encoding" not in response.headers
+        first = next(response.iter_raw())
+        assert first.startswith(b"retry: ")
+
+
+def test_heartbeat_comment_while_model_is_silent(http, model_server):
+    model = model_server.script(chunks=["late"], first_delay=2.5)
+    _, gen = start(http, model)
+    seen = b""
+    with http.stream("GET", gen["events_url"]) as response:
+        for part in response.iter_raw():
+            seen += part
+            if b"event: done" in seen:
+                break
+    before_first_delta = seen.split(b"event: delta")[0]
+    assert b": ping\n\n" in before_first_delta

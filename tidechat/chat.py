@@ -1,0 +1,180 @@
+"""Conversations, turns and generations: the rules the API views apply."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tidechat import models
+from tidechat.errors import not_found
+from tidechat.models import Conversation, Message, new_id, utcnow
+from tidechat.stream_bus import DELTA, DONE, WORKER_LOST, Entry, StreamBus
+
+TITLE_WORDS, TITLE_CHARS = 8, 80
+
+# Redis generation state -> message status.
+_STATUS = {"queued": models.QUEUED, "running": models.STREAMING}
+
+
+def title_from(content: str) -> str:
+    words = content.split()
+    title = " ".join(words[:TITLE_WORDS])
+    if len(title) > TITLE_CHARS:
+        title = title[: TITLE_CHARS - 1].rstrip() + "…"
+    elif len(words) > TITLE_WORDS:
+        title += "…"
+    return title or "New chat"
+
+
+def serialize_conversation(conv: Conversation) -> dict[str, Any]:
+    return {
+        "id": conv.id,
+        "title": conv.title,
+        "created_at": conv.created_at.isoformat(),
+        "updated_at": conv.updated_at.isoformat(),
+    }
+
+
+def serialize_message(msg: Message) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": msg.id,
+        "role": msg.role,
+        "content": msg.content,
+        "status": msg.status,
+        "created_at": msg.created_at.isoformat(),
+    }
+    if msg.role == "assistant":
+        data.update(
+            generation_id=msg.generation_id,
+            model=msg.model,
+            finish_reason=msg.finish_reason,
+            usage=msg.usage,
+            error=msg.error,
+        )
+    return data
+
+
+def owned_conversation(s: Session, owner: str, cid: str) -> Conversation:
+    conv = s.get(Conversation, cid)
+    if conv is None or conv.owner != owner:
+        raise not_found("conversation")
+    return conv
+
+
+def owned_generation(s: Session, owner: str, gid: str) -> Message:
+    msg = s.scalar(
+        select(Message)
+        .join(Conversation)
+        .where(Message.generation_id == gid, Conversation.owner == owner)
+    )
+    if msg is None:
+        raise not_found("generation")
+    return msg
+
+
+def generation_message(s: Session, gid: str) -> Message | None:
+    return s.scalar(select(Message).where(Message.generation_id == gid))
+
+
+def list_conversations(s: Session, owner: str) -> list[Conversation]:
+    query = (
+        select(Conversation)
+        .where(Conversation.owner == owner)
+        .order_by(Conversation.updated_at.desc(), Conversation.created_at.desc())
+    )
+    return list(s.scalars(query))
+
+
+def in_progress(conv: Conversation) -> Message | None:
+    for msg in conv.messages:
+        if msg.role == "assistant" and msg.status not in models.FINAL_STATUSES:
+            return msg
+    return None
+
+
+def start_turn(s: Session, conv: Conversation, content: str, model: str) -> tuple[Message, Message]:
+    """Store the user's message and a queued assistant message with a fresh generation id."""
+    if not conv.messages:
+        conv.title = title_from(content)
+    user = Message(id=new_id(), role="user", content=content, status=models.DONE)
+    assistant = Message(
+        id=new_id(),
+        role="assistant",
+        content="",
+        status=models.QUEUED,
+        model=model,
+        generation_id=new_id(),
+    )
+    conv.messages.extend([user, assistant])
+    conv.updated_at = utcnow()
+    s.commit()
+    return user, assistant
+
+
+def history(conv: Conversation, upto: Message) -> list[dict[str, str]]:
+    """The chat-completions messages for the model: every finished turn before ``upto``."""
+    out = []
+    for msg in conv.messages:
+        if msg.seq >= upto.seq:
+            break
+        if msg.role == "user" or (msg.role == "assistant" and msg.content):
+            out.append({"role": msg.role, "content": msg.content})
+    return out
+
+
+def text_of(entries: list[Entry]) -> str:
+    return "".join(e.payload()["text"] for e in entries if e.event == DELTA)
+
+
+def apply_terminal(msg: Message, text: str, terminal: Entry) -> None:
+    """Record a generation's end on its message, from its terminal stream entry."""
+    payload = terminal.payload()
+    msg.content = text
+    if terminal.event == DONE:
+        msg.finish_reason = payload.get("finish_reason")
+        msg.usage = payload.get("usage")
+        msg.status = models.CANCELLED if msg.finish_reason == "cancelled" else models.DONE
+    else:
+        msg.status, msg.error = models.ERROR, payload
+
+
+def reconcile(s: Session, bus: StreamBus, msg: Message) -> None:
+    """Bring a message the worker never finished up to date with its stream.
+
+    The worker records the end of every generation itself. This covers the one case it
+    cannot: the worker died, and a reader (the hub, or this call) ended the stream for it.
+    """
+    if msg.status in models.FINAL_STATUSES or msg.generation_id is None:
+        return
+    gid = msg.generation_id
+    state = bus.meta(gid).get("state")
+    if state == "running":
+        bus.reap(gid, WORKER_LOST)
+        state = bus.meta(gid).get("state")
+    if state in _STATUS or state is None:
+        if state is not None and msg.status != _STATUS[state]:
+            msg.status = _STATUS[state]
+            s.commit()
+        return
+    entries = bus.entries(gid)
+    if entries and entries[-1].terminal:
+        apply_terminal(msg, text_of(entries), entries[-1])
+        s.commit()
+
+
+def generation_view(bus: StreamBus, msg: Message) -> dict[str, Any]:
+    """A generation's state with its text so far (from the stream while it exists)."""
+    entries = bus.entries(msg.generation_id) if msg.status not in models.FINAL_STATUSES else []
+    text = text_of(entries) if entries else msg.content
+    return {
+        "id": msg.generation_id,
+        "message_id": msg.id,
+        "conversation_id": msg.conversation_id,
+        "status": msg.status,
+        "text": text,
+        "finish_reason": msg.finish_reason,
+        "usage": msg.usage,
+        "error": msg.error,
+    }

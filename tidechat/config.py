@@ -1,0 +1,115 @@
+"""All configuration, in one place.
+
+Values come from, in order of precedence:
+1. ``TIDECHAT_<NAME>`` variables (Flask's ``from_prefixed_env``: JSON values are parsed,
+   so ``TIDECHAT_PING_INTERVAL=2.5`` is a float);
+2. the conventional platform variables below (``REDIS_URL``, ``DATABASE_URL``, ...);
+3. the defaults in ``DEFAULTS``.
+
+The web process and the Celery worker both build their config here, through
+``app.create_app``, so they always agree on key prefixes, TTLs and URLs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+INSTANCE_DIR = ROOT / "instance"
+
+DEFAULTS: dict[str, Any] = {
+    # Services
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    "REDIS_MAX_CONNECTIONS": 10,  # per process, for API calls (SSE uses the hub's two)
+    "DATABASE_URL": f"sqlite:///{INSTANCE_DIR / 'tidechat.db'}",
+    "OPENAI_API_KEY": "",
+    "OPENAI_BASE_URL": "",
+    "OPENAI_TIMEOUT": 60.0,  # seconds without a byte from the model before giving up
+    "OPENAI_MAX_RETRIES": 2,  # retries of the request itself (429/5xx/connect), never mid-stream
+    "DEFAULT_MODEL": "gpt-4o-mini",
+    # Flask / identity
+    "SECRET_KEY": "",
+    "MAX_CONTENT_LENGTH": 1024 * 1024,  # bytes of a request body
+    "MAX_MESSAGE_CHARS": 32_000,  # characters of one user message (413 past it)
+    # Redis layout and stream lifetime
+    "KEY_PREFIX": "tidechat:",
+    "STREAM_TTL": 3600,  # seconds a finished generation's stream stays replayable
+    "LEASE_TTL": 6.0,  # seconds a worker's lease on a generation lives without renewal
+    "LEASE_RENEW": 1.0,  # how often the worker renews it (and polls the cancel flag)
+    "CANCEL_POLL": 0.2,  # seconds between cancel-flag checks while streaming
+    # SSE
+    "PING_INTERVAL": 15.0,  # seconds between ": ping" comments on a quiet stream
+    "SSE_RETRY_MS": 1000,  # the "retry:" hint sent to EventSource
+    "HUB_BLOCK_MS": 5000,  # longest blocking XREAD of the per-process reader
+    "HUB_READ_COUNT": 512,  # entries per stream per XREAD
+    "REAP_INTERVAL": 2.0,  # seconds between checks for generations whose worker died
+    # Celery
+    "CELERY_QUEUE": "tidechat",
+    "NONSTREAM_TIMEOUT": 300.0,  # seconds a stream=false request waits for its answer
+}
+
+# Conventional (unprefixed) variable names read from the environment.
+PLATFORM_VARS = (
+    "REDIS_URL",
+    "DATABASE_URL",
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "SECRET_KEY",
+)
+
+
+def load_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults, then platform variables; prefixed variables are applied by Flask."""
+    config = dict(DEFAULTS)
+    for name in PLATFORM_VARS:
+        value = os.environ.get(name)
+        if value:
+            config[name] = value
+    if overrides:
+        config.update(overrides)
+    return config
+
+
+def finalize(config: dict[str, Any]) -> None:
+    """Derive values that depend on others, once everything is loaded."""
+    if not config.get("SECRET_KEY"):
+        config["SECRET_KEY"] = _instance_secret()
+    config["DATABASE_URL"] = normalize_database_url(config["DATABASE_URL"])
+    config["CELERY"] = {
+        "broker_url": config["REDIS_URL"],
+        "task_ignore_result": True,
+        "task_default_queue": config["CELERY_QUEUE"],
+        # A generation is not retried on worker loss: its stream already holds text the
+        # user has seen, so a second run would double it (see README, "Worker death").
+        "task_acks_late": False,
+        "worker_prefetch_multiplier": 1,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"global_keyprefix": config["KEY_PREFIX"] + "celery:"},
+    }
+
+
+def normalize_database_url(url: str) -> str:
+    """Heroku hands out ``postgres://``; SQLAlchemy wants a driver name."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def _instance_secret() -> str:
+    """A random key kept in instance/ so identities survive restarts of a local run."""
+    path = INSTANCE_DIR / "secret_key"
+    if not path.exists():
+        INSTANCE_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}")
+        tmp.write_text(os.urandom(32).hex())
+        tmp.chmod(0o600)
+        try:  # atomic: web and worker may start at once, and only one key may win
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()

@@ -1,0 +1,292 @@
+"""The web process's side of the stream bus: one reader fans every stream out to clients.
+
+Each web process holds exactly two Redis connections for all its SSE clients, however many:
+- the reader, which alone runs one multi-key ``XREAD BLOCK`` over every stream some client
+  is watching (and the occasional XRANGE backfill and reap check);
+- the waker, which appends to this process's own wake stream so that the reader's blocking
+  XREAD returns at once when a client subscribes.
+
+A subscription starts at a cursor (a stream id, "0" for the start). The reader replays what
+the subscriber missed, then tails; each subscriber keeps its own cursor and drops anything at
+or before it, so replay and tail meet with no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import redis
+
+from tidechat.redis_keys import RedisKeys
+from tidechat.sse import ServerSentEvent
+from tidechat.stream_bus import WORKER_LOST, Entry, StreamBus, id_tuple, parse_entry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One stream entry, encoded for the wire once and shared by every subscriber."""
+
+    id: tuple[int, int]
+    wire: bytes
+    terminal: bool
+
+
+def encode_entry(entry: Entry) -> Frame:
+    wire = ServerSentEvent(id=entry.id, event=entry.event, data=entry.data).encode()
+    return Frame(id_tuple(entry.id), wire, entry.terminal)
+
+
+class Subscription:
+    """One client's view of one generation's stream."""
+
+    __slots__ = ("gid", "cursor", "status", "_hub", "_frames", "_lock", "_ready", "_wakeup")
+
+    def __init__(self, hub: StreamHub, gid: str, cursor: str) -> None:
+        self.gid = gid
+        self.cursor = id_tuple(cursor)
+        self.status = "pending"  # then "live", "finished" (cursor at/after the end) or "missing"
+        self._hub = hub
+        self._frames: list[bytes] = []
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._wakeup = threading.Event()
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    def get(self, timeout: float) -> tuple[bytes, bool] | None:
+        """Wait for events: (wire bytes of every pending event, reached the end), or None."""
+        if not self._wakeup.wait(timeout):
+            return None
+        with self._lock:
+            self._wakeup.clear()
+            frames, self._frames = self._frames, []
+            ended = self.status == "ended"
+        return b"".join(frames), ended
+
+    def close(self) -> None:
+        self._hub.unsubscribe(self)
+
+    # -- called by the hub's reader -----------------------------------------------
+    def _mark(self, status: str) -> None:
+        self.status = status
+        self._ready.set()
+
+    def _deliver(self, frames: list[Frame]) -> None:
+        with self._lock:
+            for frame in frames:
+                if frame.id <= self.cursor or self.status == "ended":
+                    continue
+                self._frames.append(frame.wire)
+                self.cursor = frame.id
+                if frame.terminal:
+                    self.status = "ended"
+            if self._frames:
+                self._wakeup.set()
+
+
+@dataclass(slots=True)
+class _Watched:
+    cursor: str  # the last id the reader has read from this stream
+    subs: set[Subscription] = field(default_factory=set)
+    last_activity: float = field(default_factory=time.monotonic)
+
+
+class StreamHub:
+    """Per-process fan-out of generation streams to SSE subscribers."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        keys: RedisKeys,
+        stream_ttl: int,
+        *,
+        block_ms: int = 5000,
+        read_count: int = 512,
+        lease_ttl: float = 6.0,
+        reap_interval: float = 2.0,
+        on_reaped: Callable[[str], None] | None = None,
+    ) -> None:
+        self.id = uuid.uuid4().hex
+        name = f"tidechat-hub-{self.id[:8]}"
+        self._reader = redis.Redis.from_url(
+            redis_url,
+            single_connection_client=True,
+            socket_timeout=block_ms / 1000 + 10,  # redis-py's default would cut a long BLOCK
+            socket_keepalive=True,
+            client_name=name + "-reader",
+        )
+        self._waker = redis.Redis(
+            connection_pool=redis.BlockingConnectionPool.from_url(
+                redis_url, max_connections=1, timeout=30, client_name=name + "-waker"
+            )
+        )
+        self._bus = StreamBus(self._reader, keys, stream_ttl)
+        self._wake_key = keys.hub_wake(self.id)
+        self._wake_cursor = "0-0"
+        self._wake_sent = False
+        self._block_ms = block_ms
+        self._read_count = read_count
+        self._lease_ttl = lease_ttl
+        self._reap_interval = reap_interval
+        self._on_reaped = on_reaped
+        self._watched: dict[str, _Watched] = {}  # stream key -> state
+        self._pending: list[Subscription] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._last_reap = time.monotonic()
+
+    # -- public API ---------------------------------------------------------------
+    def subscribe(self, gid: str, cursor: str = "0") -> Subscription:
+        sub = Subscription(self, gid, cursor)
+        self._ensure_started()
+        with self._lock:
+            self._pending.append(sub)
+            send_wake = not self._wake_sent
+            self._wake_sent = True
+        if send_wake:
+            self._wake()
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        key = self._bus.k(sub.gid).stream
+        with self._lock:
+            if sub in self._pending:
+                self._pending.remove(sub)
+            watched = self._watched.get(key)
+            if watched is not None:
+                watched.subs.discard(sub)
+                if not watched.subs:
+                    del self._watched[key]
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake()
+
+    @property
+    def subscriber_count(self) -> int:
+        with self._lock:
+            return sum(len(w.subs) for w in self._watched.values())
+
+    # -- the reader ---------------------------------------------------------------
+    def _ensure_started(self) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="tidechat-stream-hub", daemon=True
+                    )
+                    self._thread.start()
+
+    def _wake(self) -> None:
+        try:
+            with self._waker.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
+                pipe.expire(self._wake_key, 3600)
+                pipe.execute()
+        except redis.RedisError:
+            log.exception("could not wake the stream hub; it will catch up on its next read")
+
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._admit_pending()
+                self._read_once()
+                self._reap_if_due()
+            except redis.RedisError:
+                log.exception("stream hub lost Redis; retrying")
+                time.sleep(0.5)
+            except Exception:  # never let the one reader die: every client depends on it
+                log.exception("stream hub iteration failed")
+                time.sleep(0.5)
+
+    def _admit_pending(self) -> None:
+        with self._lock:
+            self._wake_sent = False
+            pending, self._pending = self._pending, []
+        if not pending:
+            return
+        with self._reader.pipeline(transaction=False) as pipe:
+            for sub in pending:
+                pipe.hget(self._bus.k(sub.gid).meta, "terminal_id")
+                pipe.exists(self._bus.k(sub.gid).meta)
+            replies = pipe.execute()
+        for i, sub in enumerate(pending):
+            terminal_id, exists = replies[2 * i], replies[2 * i + 1]
+            if not exists:
+                sub._mark("missing")
+            elif terminal_id is not None and sub.cursor >= id_tuple(terminal_id.decode()):
+                sub._mark("finished")
+            else:
+                self._watch(sub)
+
+    def _watch(self, sub: Subscription) -> None:
+        key = self._bus.k(sub.gid).stream
+        cursor = "{}-{}".format(*sub.cursor)
+        with self._lock:
+            watched = self._watched.get(key)
+            if watched is None:
+                self._watched[key] = _Watched(cursor=cursor, subs={sub})
+                backfill_to = None
+            else:
+                watched.subs.add(sub)
+                backfill_to = watched.cursor if sub.cursor < id_tuple(watched.cursor) else None
+        sub._mark("live")
+        if backfill_to is not None:
+            # Others are already further along this stream: replay the gap for this one.
+            raw = self._reader.xrange(key, min=f"({cursor}", max=backfill_to)
+            sub._deliver([encode_entry(parse_entry(i, f)) for i, f in raw])
+
+    def _read_once(self) -> None:
+        with self._lock:
+            streams = {key: w.cursor for key, w in self._watched.items()}
+        streams[self._wake_key] = self._wake_cursor
+        block = self._block_ms
+        if len(streams) > 1:
+            block = min(block, int(self._reap_interval * 1000))
+        reply = self._reader.xread(streams, count=self._read_count, block=block)
+        now = time.monotonic()
+        for raw_key, raw_entries in reply or []:
+            key = raw_key.decode()
+            if not raw_entries:
+                continue
+            if key == self._wake_key:
+                self._wake_cursor = raw_entries[-1][0].decode()
+                continue
+            frames = [encode_entry(parse_entry(i, f)) for i, f in raw_entries]
+            with self._lock:
+                watched = self._watched.get(key)
+                if watched is None:
+                    continue
+                watched.cursor = raw_entries[-1][0].decode()
+                watched.last_activity = now
+                subs = list(watched.subs)
+            for sub in subs:
+                sub._deliver(frames)
+
+    def _reap_if_due(self) -> None:
+        """End generations whose worker died: their lease expired while still running."""
+        now = time.monotonic()
+        if now - self._last_reap < self._reap_interval:
+            return
+        self._last_reap = now
+        with self._lock:
+            quiet = [
+                next(iter(w.subs)).gid
+                for w in self._watched.values()
+                if w.subs and now - w.last_activity >= self._lease_ttl
+            ]
+        for gid in quiet:
+            if self._bus.reap(gid, WORKER_LOST) and self._on_reaped is not None:
+                try:
+                    self._on_reaped(gid)
+                except Exception:
+                    log.exception("could not record the lost generation %s", gid)

@@ -1,0 +1,116 @@
+"""The model client: an OpenAI-compatible chat-completions stream, as plain events.
+
+Any server that speaks the OpenAI API works (``OPENAI_BASE_URL``). Upstream failures
+become ``UpstreamError`` with a stable code the page can show and tests can assert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    usage: dict[str, Any]
+
+
+ModelEvent = TextDelta | Finish | Usage
+
+
+class UpstreamError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+    def payload(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+def make_client(config: dict[str, Any]) -> openai.OpenAI:
+    return openai.OpenAI(
+        api_key=config["OPENAI_API_KEY"] or "not-needed",  # local servers accept any key
+        base_url=config["OPENAI_BASE_URL"] or None,
+        timeout=float(config["OPENAI_TIMEOUT"]),
+        max_retries=int(config["OPENAI_MAX_RETRIES"]),
+    )
+
+
+def open_stream(client: openai.OpenAI, model: str, messages: list[dict[str, str]]) -> Any:
+    """Start a streamed completion; use it as a context manager so it is always closed."""
+    try:
+        return client.chat.completions.create(
+            model=model,
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    except Exception as exc:
+        raise classify(exc) from exc
+
+
+def events(stream: Any) -> Iterator[ModelEvent]:
+    """Plain events from the SDK's chunks; raises UpstreamError on any failure."""
+    try:
+        for chunk in stream:
+            if chunk.usage is not None:
+                yield Usage(chunk.usage.model_dump(exclude_none=True))
+            for choice in chunk.choices:
+                if choice.delta is not None and choice.delta.content:
+                    yield TextDelta(choice.delta.content)
+                if choice.finish_reason:
+                    yield Finish(choice.finish_reason)
+    except UpstreamError:
+        raise
+    except Exception as exc:
+        raise classify(exc) from exc
+
+
+def classify(exc: BaseException) -> UpstreamError:
+    """Map SDK and transport exceptions to a code and a message fit for the user."""
+    if isinstance(exc, UpstreamError):
+        return exc
+    if isinstance(exc, openai.APITimeoutError):
+        return UpstreamError("upstream_timeout", "The model server did not answer in time.")
+    if isinstance(exc, openai.APIConnectionError):
+        return UpstreamError("upstream_unreachable", "Could not connect to the model server.")
+    if isinstance(exc, openai.RateLimitError):
+        return UpstreamError(
+            "upstream_rate_limited", "The model server is rate limiting requests; try again soon."
+        )
+    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+        return UpstreamError("upstream_auth", "The model server refused the API credentials.")
+    if isinstance(exc, openai.NotFoundError):
+        return UpstreamError("model_not_found", "The model server does not know this model.")
+    if isinstance(exc, openai.APIStatusError):
+        return UpstreamError(
+            "upstream_error", f"The model server answered HTTP {exc.status_code}: {_detail(exc)}"
+        )
+    if isinstance(exc, openai.APIError):  # an {"error": ...} event in the middle of the stream
+        return UpstreamError("upstream_error", f"The model server reported: {_detail(exc)}")
+    return UpstreamError(
+        "upstream_disconnected",
+        f"The connection to the model server broke mid-answer ({type(exc).__name__}).",
+    )
+
+
+def _detail(exc: openai.APIError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return inner["message"][:500]
+    return str(exc.message)[:500]

@@ -1,0 +1,177 @@
+"""The generation task: stream the model's answer into the generation's Redis Stream."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+from celery import shared_task
+from flask import Flask, current_app
+
+from tidechat import chat, db, models
+from tidechat.stream_bus import DELTA, DONE, ERROR, StreamBus, dumps
+from worker import GENERATE_TASK, model_client
+from worker.model_client import Finish, TextDelta, UpstreamError, Usage
+
+log = logging.getLogger(__name__)
+
+_clients: dict[int, Any] = {}
+
+
+@shared_task(name=GENERATE_TASK, ignore_result=True)
+def generate(gid: str) -> None:
+    app = current_app._get_current_object()
+    Generation(app, gid).run()
+
+
+def client_for(app: Flask) -> Any:
+    """One OpenAI client (and connection pool) per app in this worker process."""
+    client = _clients.get(id(app))
+    if client is None:
+        client = _clients[id(app)] = model_client.make_client(app.config)
+    return client
+
+
+class LeaseGuard:
+    """Beside the streaming loop: renews the worker's lease and watches the cancel flag.
+
+    On cancel (or if the lease was lost) it also closes the model stream, so a model that
+    has gone quiet is hung up on at once instead of at its next token.
+    """
+
+    def __init__(self, bus: StreamBus, gid: str, config: dict[str, Any]) -> None:
+        self.bus, self.gid = bus, gid
+        self.lease_ms = int(float(config["LEASE_TTL"]) * 1000)
+        self.poll = float(config["CANCEL_POLL"])
+        self.cancelled = threading.Event()
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._stream: Any = None
+        self._thread = threading.Thread(target=self._run, name=f"lease-{gid}", daemon=True)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.cancelled.is_set() or self.lost.is_set()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def attach(self, stream: Any) -> None:
+        self._stream = stream
+        if self.interrupted:
+            self._hang_up()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll):
+            try:
+                held, cancel = self.bus.renew_and_check(self.gid, self.lease_ms)
+            except Exception:
+                log.exception("lease renewal failed for %s", self.gid)
+                continue
+            if cancel:
+                self.cancelled.set()
+            if not held:
+                self.lost.set()
+            if self.interrupted:
+                self._hang_up()
+                return
+
+    def _hang_up(self) -> None:
+        if self._stream is not None:
+            try:
+                self._stream.close()
+            except Exception:
+                log.debug("closing the model stream raised", exc_info=True)
+
+
+class Generation:
+    """One run of the model for one assistant message."""
+
+    def __init__(self, app: Flask, gid: str) -> None:
+        self.app, self.gid = app, gid
+        self.bus: StreamBus = app.extensions["stream_bus"]
+        self.holder = f"{socket.gethostname()}:{os.getpid()}"
+
+    def run(self) -> None:
+        s = db.session()
+        msg = chat.generation_message(s, self.gid)
+        if msg is None:
+            log.warning("generation %s has no message; skipped", self.gid)
+            return
+        lease_ms = int(float(self.app.config["LEASE_TTL"]) * 1000)
+        if not self.bus.claim(self.gid, self.holder, lease_ms):
+            log.info("generation %s was cancelled or taken before it started", self.gid)
+            return
+        msg.status = models.STREAMING
+        s.commit()
+        try:
+            self._stream_and_record(s, msg)
+        except Exception:
+            log.exception("generation %s failed", self.gid)
+            s.rollback()
+            error = UpstreamError("internal_error", "Something went wrong generating this answer.")
+            self._record(s, msg, msg.content, ERROR, error.payload(), models.ERROR)
+
+    def _stream_and_record(self, s: Any, msg: models.Message) -> None:
+        guard = LeaseGuard(self.bus, self.gid, self.app.config)
+        parts: list[str] = []
+        finish: str | None = None
+        usage: dict | None = None
+        error: UpstreamError | None = None
+        guard.start()
+        try:
+            messages = chat.history(msg.conversation, msg)
+            with model_client.open_stream(client_for(self.app), msg.model, messages) as stream:
+                guard.attach(stream)
+                for event in model_client.events(stream):
+                    if guard.interrupted:
+                        break
+                    if isinstance(event, TextDelta):
+                        delta = (DELTA, dumps({"text": event.text}))
+                        if self.bus.append(self.gid, [delta]) is None:
+                            guard.lost.set()  # ended by someone else: they record it
+                            break
+                        parts.append(event.text)
+                    elif isinstance(event, Finish):
+                        finish = event.reason
+                    elif isinstance(event, Usage):
+                        usage = event.usage
+        except UpstreamError as exc:
+            error = exc
+        finally:
+            guard.stop()
+
+        text = "".join(parts)
+        if guard.lost.is_set():
+            chat.reconcile(s, self.bus, msg)
+        elif guard.cancelled.is_set() and finish is None:
+            payload = {"finish_reason": "cancelled", "usage": usage}
+            self._record(s, msg, text, DONE, payload, models.CANCELLED)
+        elif error is not None or finish is None:
+            error = error or UpstreamError(
+                "upstream_incomplete", "The model's answer ended before it was complete."
+            )
+            self._record(s, msg, text, ERROR, error.payload(), models.ERROR)
+        else:
+            self._record(s, msg, text, DONE, {"finish_reason": finish, "usage": usage}, models.DONE)
+
+    def _record(
+        self, s: Any, msg: models.Message, text: str, event: str, payload: dict, status: str
+    ) -> None:
+        """Store the answer, then end the stream: a client that sees the end sees it stored."""
+        msg.content, msg.status = text, status
+        if event == DONE:
+            msg.finish_reason, msg.usage = payload["finish_reason"], payload["usage"]
+        else:
+            msg.error = payload
+        s.commit()
+        state = status if status != models.STREAMING else ERROR
+        if self.bus.finish(self.gid, event, payload, state) is None:
+            chat.reconcile(s, self.bus, msg)  # someone else ended it first: theirs stands
