@@ -118,11 +118,20 @@ def other_http(web: WebProc) -> Iterator[httpx.Client]:
 
 # Flask's tutorial fixtures, for tests of the HTTP contract that need no worker.
 @pytest.fixture
-def app(settings: dict[str, str], monkeypatch: pytest.MonkeyPatch):
-    for name, value in settings.items():
-        monkeypatch.setenv(name, value)
-    app = create_app({"TESTING": True})
-    yield app
+def make_app(settings: dict[str, str], monkeypatch: pytest.MonkeyPatch):
+    """Build an app in this process with the stack's settings, plus any overrides."""
+
+    def make(**env: str):
+        for name, value in {**settings, **env}.items():
+            monkeypatch.setenv(name, value)
+        return create_app({"TESTING": True})
+
+    return make
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import new_conversation, read_events, send, start, text
-from tests.model_server import Script
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +26,11 @@ def test_answer_streams_exactly_and_is_stored(http, model_server):
 
     conversation = http.get(f"/api/conversations/{cid}").json()
     user, assistant = conversation["messages"]
-    assert (user["role"], user["content"], user["status"]) == ("user", "Tell me about tides", "done")
+    assert (user["role"], user["content"], user["status"]) == (
+        "user",
+        "Tell me about tides",
+        "done",
+    )
     assert assistant["content"] == "".join(chunks)
     assert assistant["status"] == "done"
     assert assistant["finish_reason"] == "stop"

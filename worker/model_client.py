@@ -76,16 +76,16 @@ def events(stream: Any) -> Iterator[ModelEvent]:
     except UpstreamError:
         raise
     except Exception as exc:
-        raise classify(exc) from exc
+        raise classify(exc, mid_stream=True) from exc
 
 
-def classify(exc: BaseException) -> UpstreamError:
+def classify(exc: BaseException, mid_stream: bool = False) -> UpstreamError:
     """Map SDK and transport exceptions to a code and a message fit for the user."""
     if isinstance(exc, UpstreamError):
         return exc
     if isinstance(exc, openai.APITimeoutError):
         return UpstreamError("upstream_timeout", "The model server did not answer in time.")
-    if isinstance(exc, openai.APIConnectionError):
+    if isinstance(exc, openai.APIConnectionError) and not mid_stream:
         return UpstreamError("upstream_unreachable", "Could not connect to the model server.")
     if isinstance(exc, openai.RateLimitError):
         return UpstreamError(
@@ -99,7 +99,8 @@ def classify(exc: BaseException) -> UpstreamError:
         return UpstreamError(
             "upstream_error", f"The model server answered HTTP {exc.status_code}: {_detail(exc)}"
         )
-    if isinstance(exc, openai.APIError):  # an {"error": ...} event in the middle of the stream
+    if isinstance(exc, openai.APIError) and not isinstance(exc, openai.APIConnectionError):
+        # an {"error": ...} event in the middle of the stream
         return UpstreamError("upstream_error", f"The model server reported: {_detail(exc)}")
     return UpstreamError(
         "upstream_disconnected",

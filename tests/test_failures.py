@@ -1,0 +1,119 @@
+"""Upstream failures reach the user as an error event and an error status, never a hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from tests.helpers import read_events, start, text
+from tests.stack import free_port, start_worker
+
+pytestmark = pytest.mark.e2e
+
+
+def assert_error(http, cid, gen, code: str, partial: str = "") -> dict:
+    events = read_events(http, gen["events_url"])
+    assert events[-1].event == "error"
+    assert events[-1].data["code"] == code
+    assert events[-1].data["message"]
+    assert text(events) == partial
+    assistant = http.get(f"/api/conversations/{cid}").json()["messages"][-1]
+    assert assistant["status"] == "error"
+    assert assistant["error"]["code"] == code
+    assert assistant["content"] == partial
+    return events[-1].data
+
+
+@pytest.mark.parametrize(
+    ("script", "code"),
+    [
+        ({"status": 429}, "upstream_rate_limited"),
+        ({"status": 500}, "upstream_error"),
+        (
+            {"chunks": ["par", "tial"], "error_event": {"message": "overloaded", "type": "x"}},
+            "upstream_error",
+        ),
+        ({"chunks": ["par", "tial"], "cut": True}, "upstream_disconnected"),
+        ({"chunks": ["par", "tial"], "finish_reason": None, "usage": None}, "upstream_incomplete"),
+    ],
+    ids=["429", "500", "error-event", "cut", "no-finish"],
+)
+def test_upstream_failure_becomes_error_event(http, model_server, script, code):
+    model = model_server.script(**script)
+    cid, gen = start(http, model)
+    partial = "".join(script.get("chunks", [])) if "chunks" in script else ""
+    data = assert_error(http, cid, gen, code, partial)
+    if "error_event" in script:
+        assert "overloaded" in data["message"]
+
+
+def test_transient_429_is_retried(http, model_server):
+    model = model_server.script(status=429, fail_first=1, chunks=["fine"])
+    _, gen = start(http, model)
+    assert text(read_events(http, gen["events_url"])) == "fine"
+
+
+def test_timeout_becomes_error_event(http, model_server):
+    model = model_server.script(chunks=["slow"], first_delay=30)
+    cid, gen = start(http, model)
+    # TIDECHAT_OPENAI_TIMEOUT is 10 s in the test stack; retries are per request.
+    events = read_events(http, gen["events_url"], timeout=90)
+    assert events[-1].event == "error"
+    assert events[-1].data["code"] == "upstream_timeout"
+
+
+def test_connection_refused_becomes_error_event(make_app, process_env, workdir, model_server):
+    env = {
+        **process_env,
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{free_port()}/v1",
+        "TIDECHAT_CELERY_QUEUE": process_env["TIDECHAT_CELERY_QUEUE"] + "-refused",
+        "TIDECHAT_OPENAI_MAX_RETRIES": "0",
+    }
+    refused_worker = start_worker(env, workdir, name="worker-refused")
+    try:
+        # Enqueue through an app bound to the refused worker's queue.
+        web_app = make_app(TIDECHAT_CELERY_QUEUE=env["TIDECHAT_CELERY_QUEUE"])
+        with web_app.test_client() as client:
+            cid = client.post("/api/conversations").get_json()["id"]
+            body = {"content": "hi", "model": model_server.script()}
+            gen = client.post(f"/api/conversations/{cid}/messages", json=body).get_json()
+            gen = gen["generation"]
+            response = client.get(gen["events_url"])
+            assert b"event: error" in response.data
+            assert b'"code":"upstream_unreachable"' in response.data
+    finally:
+        refused_worker.stop()
+
+
+def test_worker_killed_mid_stream_ends_the_client_within_15s(
+    make_app, model_server, process_env, workdir
+):
+    """SIGKILL the worker mid-answer: the reader sees its lease expire, ends with worker_lost."""
+    import time
+
+    env = {**process_env, "TIDECHAT_CELERY_QUEUE": process_env["TIDECHAT_CELERY_QUEUE"] + "-kill"}
+    doomed = start_worker(env, workdir, name="worker-doomed")
+    try:
+        web_app = make_app(TIDECHAT_CELERY_QUEUE=env["TIDECHAT_CELERY_QUEUE"])
+        model = model_server.script(chunks=[f"k{i} " for i in range(500)], delay=0.05)
+        with web_app.test_client() as client:
+            cid = client.post("/api/conversations").get_json()["id"]
+            body = {"content": "hi", "model": model}
+            gen = client.post(f"/api/conversations/{cid}/messages", json=body).get_json()
+            gen = gen["generation"]
+            model_server.wait_for_request(model, timeout=10, chunks=3)
+            os.killpg(doomed.popen.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            response = client.get(gen["events_url"])  # reads to the end of the stream
+            ended = time.monotonic()
+            assert ended - killed < 15
+            body = response.data.decode()
+            assert "event: error" in body and '"code":"worker_lost"' in body
+            message = client.get(f"/api/conversations/{cid}").get_json()["messages"][-1]
+            assert message["status"] == "error"
+            assert message["error"]["code"] == "worker_lost"
+            assert message["content"].startswith("k0 k1 k2 ")
+    finally:
+        doomed.stop()

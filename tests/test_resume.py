@@ -1,0 +1,80 @@
+"""Exact resume: from any cursor, a client gets exactly the events after it."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.helpers import read_events, start, text
+from tests.stack import start_web
+
+pytestmark = pytest.mark.e2e
+
+CHUNKS = [f"w{i} " for i in range(12)]
+
+
+@pytest.fixture
+def finished(http, model_server):
+    model = model_server.script(chunks=CHUNKS)
+    _, gen = start(http, model)
+    return gen, read_events(http, gen["events_url"])
+
+
+def test_resume_from_every_cursor_of_a_finished_stream(http, finished):
+    gen, full = finished
+    for k, event in enumerate(full[:-1]):
+        rest = read_events(http, gen["events_url"], cursor=event.id)
+        assert rest == full[k + 1 :], f"resume after event {k}"
+
+
+def test_after_query_parameter_resumes_like_last_event_id(http, finished):
+    gen, full = finished
+    assert read_events(http, gen["events_url"], cursor=full[4].id, header=False) == full[5:]
+
+
+def test_last_event_id_header_wins_over_after(http, finished):
+    gen, full = finished
+    url = f"{gen['events_url']}?after={full[1].id}"
+    assert read_events(http, url, cursor=full[6].id) == full[7:]
+
+
+def test_cursor_at_or_past_the_end_gets_204(http, finished):
+    gen, full = finished
+    for cursor in (full[-1].id, "99999999999999-0"):
+        response = http.get(gen["events_url"], headers={"Last-Event-ID": cursor})
+        assert response.status_code == 204
+        assert response.content == b""
+
+
+def test_cursor_zero_replays_everything(http, finished):
+    gen, full = finished
+    assert read_events(http, gen["events_url"], cursor="0") == full
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(k=st.integers(min_value=1, max_value=len(CHUNKS) - 1))
+def test_resume_mid_stream_of_a_running_generation(http, model_server, k):
+    model = model_server.script(chunks=CHUNKS, delay=0.04)
+    _, gen = start(http, model)
+    head = read_events(http, gen["events_url"], limit=k)
+    assert len(head) == k
+    tail = read_events(http, gen["events_url"], cursor=head[-1].id)
+    whole = head + tail
+    assert text(whole) == "".join(CHUNKS)
+    assert [e.event for e in whole] == ["delta"] * len(CHUNKS) + ["done"]
+    assert len({e.id for e in whole}) == len(whole)
+
+
+def test_resume_on_another_web_process(http, model_server, process_env, workdir):
+    """A reconnect may land on a different web process: the cursor is all it needs."""
+    other = start_web(process_env, workdir, name="web-second")
+    try:
+        model = model_server.script(chunks=CHUNKS, delay=0.04)
+        _, gen = start(http, model)
+        head = read_events(http, gen["events_url"], limit=5)
+        tail = read_events(http, other.url + gen["events_url"], cursor=head[-1].id)
+        assert text(head + tail) == "".join(CHUNKS)
+        assert tail[-1].event == "done"
+    finally:
+        other.stop()
