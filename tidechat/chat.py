@@ -34,6 +34,9 @@ def serialize_conversation(conv: Conversation) -> dict[str, Any]:
         "title": conv.title,
         "created_at": conv.created_at.isoformat(),
         "updated_at": conv.updated_at.isoformat(),
+        "system_prompt": conv.system_prompt,
+        "model": conv.model,
+        "temperature": conv.temperature,
     }
 
 
@@ -99,6 +102,12 @@ def start_turn(s: Session, conv: Conversation, content: str, model: str) -> tupl
     if not conv.messages:
         conv.title = title_from(content)
     user = Message(id=new_id(), role="user", content=content, status=models.DONE)
+    conv.messages.append(user)
+    return user, queue_answer(s, conv, model)
+
+
+def queue_answer(s: Session, conv: Conversation, model: str) -> Message:
+    """A queued assistant message with a fresh generation id, committed."""
     assistant = Message(
         id=new_id(),
         role="assistant",
@@ -107,15 +116,24 @@ def start_turn(s: Session, conv: Conversation, content: str, model: str) -> tupl
         model=model,
         generation_id=new_id(),
     )
-    conv.messages.extend([user, assistant])
+    conv.messages.append(assistant)
     conv.updated_at = utcnow()
     s.commit()
-    return user, assistant
+    return assistant
+
+
+def last_user_message(conv: Conversation) -> Message | None:
+    for msg in reversed(conv.messages):
+        if msg.role == "user":
+            return msg
+    return None
 
 
 def history(conv: Conversation, upto: Message) -> list[dict[str, str]]:
     """The chat-completions messages for the model: every finished turn before ``upto``."""
     out = []
+    if conv.system_prompt:
+        out.append({"role": "system", "content": conv.system_prompt})
     for msg in conv.messages:
         if msg.seq >= upto.seq:
             break

@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "OPENAI_TIMEOUT": 60.0,  # seconds without a byte from the model before giving up
     "OPENAI_MAX_RETRIES": 2,  # retries of the request itself (429/5xx/connect), never mid-stream
     "DEFAULT_MODEL": "gpt-4o-mini",
+    "BACKEND_LABEL": "",  # how the page names the model server (default: its host)
     # Flask / identity
     "SECRET_KEY": "",
     "MAX_CONTENT_LENGTH": 1024 * 1024,  # bytes of a request body

@@ -49,14 +49,21 @@ def make_client(config: dict[str, Any]) -> openai.OpenAI:
     )
 
 
-def open_stream(client: openai.OpenAI, model: str, messages: list[dict[str, str]]) -> Any:
+def open_stream(
+    client: openai.OpenAI,
+    model: str,
+    messages: list[dict[str, str]],
+    temperature: float | None = None,
+) -> Any:
     """Start a streamed completion; use it as a context manager so it is always closed."""
+    extra = {} if temperature is None else {"temperature": temperature}
     try:
         return client.chat.completions.create(
             model=model,
             messages=messages,
             stream=True,
             stream_options={"include_usage": True},
+            **extra,
         )
     except Exception as exc:
         raise classify(exc) from exc

@@ -117,7 +117,7 @@ class Generation:
             log.exception("generation %s failed", self.gid)
             s.rollback()
             error = UpstreamError("internal_error", "Something went wrong generating this answer.")
-            self._record(s, msg, msg.content, ERROR, error.payload(), models.ERROR)
+            self.bus.finish(self.gid, ERROR, error.payload(), models.ERROR)
 
     def _stream_and_record(self, s: Any, msg: models.Message) -> None:
         guard = LeaseGuard(self.bus, self.gid, self.app.config)
@@ -127,8 +127,10 @@ class Generation:
         error: UpstreamError | None = None
         guard.start()
         try:
-            messages = chat.history(msg.conversation, msg)
-            with model_client.open_stream(client_for(self.app), msg.model, messages) as stream:
+            conv = msg.conversation
+            messages = chat.history(conv, msg)
+            client = client_for(self.app)
+            with model_client.open_stream(client, msg.model, messages, conv.temperature) as stream:
                 guard.attach(stream)
                 for event in model_client.events(stream):
                     if guard.interrupted:
@@ -171,7 +173,12 @@ class Generation:
             msg.finish_reason, msg.usage = payload["finish_reason"], payload["usage"]
         else:
             msg.error = payload
-        s.commit()
-        state = status if status != models.STREAMING else ERROR
-        if self.bus.finish(self.gid, event, payload, state) is None:
+        try:
+            s.commit()
+        except Exception:  # e.g. the conversation was deleted meanwhile: still end the stream
+            log.warning("could not store the answer of %s", self.gid, exc_info=True)
+            s.rollback()
+            self.bus.finish(self.gid, event, payload, status)
+            return
+        if self.bus.finish(self.gid, event, payload, status) is None:
             chat.reconcile(s, self.bus, msg)  # someone else ended it first: theirs stands

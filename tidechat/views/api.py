@@ -9,6 +9,7 @@ from flask import Blueprint, current_app, jsonify, request, url_for
 from tidechat import chat, db, models
 from tidechat.errors import ApiError
 from tidechat.identity import current_owner
+from tidechat.model_catalog import model_catalog
 from tidechat.models import Conversation
 from tidechat.stream_bus import StreamBus
 from tidechat.views.hub import get_hub
@@ -59,18 +60,109 @@ def get_conversation(cid: str):
     return jsonify(data)
 
 
+@bp.patch("/conversations/<cid>")
+def update_conversation(cid: str):
+    body = json_body()
+    s = db.session()
+    conv = chat.owned_conversation(s, current_owner(), cid)
+    for name, value in parse_settings(body).items():
+        setattr(conv, name, value)
+    s.commit()
+    return jsonify(chat.serialize_conversation(conv))
+
+
+def parse_settings(body: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(body) - {"title", "system_prompt", "model", "temperature"}
+    if unknown:
+        raise ApiError(400, "unknown_field", f"Unknown field(s): {', '.join(sorted(unknown))}.")
+    out: dict[str, Any] = {}
+    if "title" in body:
+        title = body["title"]
+        if not isinstance(title, str) or not title.strip() or len(title) > 200:
+            raise ApiError(400, "invalid_title", "'title' must be 1 to 200 characters.")
+        out["title"] = title.strip()
+    if "system_prompt" in body:
+        prompt = body["system_prompt"]
+        if prompt is not None and not isinstance(prompt, str):
+            raise ApiError(400, "invalid_system_prompt", "'system_prompt' must be text or null.")
+        if prompt:
+            check_length("system_prompt", prompt)
+        out["system_prompt"] = prompt or None
+    if "model" in body:
+        out["model"] = parse_model(body)
+    if "temperature" in body:
+        temperature = body["temperature"]
+        valid = temperature is None or (
+            isinstance(temperature, int | float)
+            and not isinstance(temperature, bool)
+            and 0 <= temperature <= 2
+        )
+        if not valid:
+            raise ApiError(400, "invalid_temperature", "'temperature' must be from 0 to 2.")
+        out["temperature"] = None if temperature is None else float(temperature)
+    return out
+
+
+@bp.delete("/conversations/<cid>")
+def delete_conversation(cid: str):
+    s = db.session()
+    conv = chat.owned_conversation(s, current_owner(), cid)
+    pending = chat.in_progress(conv)
+    if pending is not None:  # stop what is streaming before its conversation goes
+        bus().request_cancel(pending.generation_id)
+        bus().cancel_queued(pending.generation_id)
+    s.delete(conv)
+    s.commit()
+    return "", 204
+
+
+@bp.get("/models")
+def list_models():
+    return jsonify(model_catalog(current_app))
+
+
 @bp.post("/conversations/<cid>/messages")
 def post_message(cid: str):
     body = json_body()
     content, model, stream = parse_message(body)
     s = db.session()
     conv = chat.owned_conversation(s, current_owner(), cid)
+    ensure_idle(s, conv)
+    user, assistant = chat.start_turn(s, conv, content, resolve_model(conv, model))
+    return launch(user, assistant, stream)
+
+
+@bp.post("/conversations/<cid>/regenerate")
+def regenerate(cid: str):
+    """Answer the last user message again, replacing the last answer."""
+    body = json_body() if request.content_length else {}
+    model = parse_model(body)
+    s = db.session()
+    conv = chat.owned_conversation(s, current_owner(), cid)
+    ensure_idle(s, conv)
+    user = chat.last_user_message(conv)
+    if user is None:
+        raise ApiError(400, "nothing_to_regenerate", "There is no message to answer again.")
+    for msg in [m for m in conv.messages if m.seq > user.seq]:
+        conv.messages.remove(msg)
+    assistant = chat.queue_answer(s, conv, resolve_model(conv, model))
+    return launch(user, assistant, stream=True)
+
+
+def ensure_idle(s, conv: Conversation) -> None:
     pending = chat.in_progress(conv)
     if pending is not None:
         chat.reconcile(s, bus(), pending)
         if pending.status not in models.FINAL_STATUSES:
             raise ApiError(409, "generation_in_progress", "Wait for the answer, or stop it first.")
-    user, assistant = chat.start_turn(s, conv, content, model)
+
+
+def resolve_model(conv: Conversation, requested: str | None) -> str:
+    return requested or conv.model or current_app.config["DEFAULT_MODEL"]
+
+
+def launch(user: models.Message, assistant: models.Message, stream: bool):
+    """Enqueue the assistant message's generation; answer 202, or 200 once done."""
     gid = assistant.generation_id
     bus().create(gid)
     sub = None if stream else get_hub().subscribe(gid)  # before enqueue: miss nothing
@@ -90,20 +182,29 @@ def post_message(cid: str):
     ), 202
 
 
-def parse_message(body: dict[str, Any]) -> tuple[str, str, bool]:
+def parse_message(body: dict[str, Any]) -> tuple[str, str | None, bool]:
     content = body.get("content")
     if not isinstance(content, str) or not content.strip():
         raise ApiError(400, "invalid_content", "'content' must be a non-empty string.")
-    limit = int(current_app.config["MAX_MESSAGE_CHARS"])
-    if len(content) > limit:
-        raise ApiError(413, "message_too_long", f"A message may be at most {limit} characters.")
-    model = body.get("model", current_app.config["DEFAULT_MODEL"])
-    if not isinstance(model, str) or not model.strip() or len(model) > 200:
-        raise ApiError(400, "invalid_model", "'model' must be a model name.")
+    check_length("content", content)
     stream = body.get("stream", True)
     if not isinstance(stream, bool):
         raise ApiError(400, "invalid_stream", "'stream' must be true or false.")
-    return content, model, stream
+    return content, parse_model(body), stream
+
+
+def parse_model(body: dict[str, Any]) -> str | None:
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model.strip() or len(model) > 200):
+        raise ApiError(400, "invalid_model", "'model' must be a model name.")
+    return model
+
+
+def check_length(field: str, value: str) -> None:
+    limit = int(current_app.config["MAX_MESSAGE_CHARS"])
+    if len(value) > limit:
+        code = "message_too_long" if field == "content" else "too_long"
+        raise ApiError(413, code, f"'{field}' may be at most {limit} characters.")
 
 
 def finish_non_streaming(sub, assistant: models.Message):

@@ -1,0 +1,55 @@
+"""Which models the configured backend offers, and how to name that backend on the page."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import Flask
+
+log = logging.getLogger(__name__)
+CACHE_SECONDS = 60.0
+
+_cache: dict[int, tuple[float, list[str]]] = {}
+_lock = threading.Lock()
+
+
+def backend_label(config: dict[str, Any]) -> str:
+    """A name for the model server fit for the page: never a key, never a URL's userinfo."""
+    if config.get("BACKEND_LABEL"):
+        return str(config["BACKEND_LABEL"])
+    base = config.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+    parts = urlsplit(base)
+    host = parts.hostname or "unknown"
+    return f"{host}:{parts.port}" if parts.port else host
+
+
+def available_models(app: Flask) -> list[str]:
+    """The backend's /v1/models, cached briefly; just the default if it cannot be listed."""
+    now = time.monotonic()
+    with _lock:
+        cached = _cache.get(id(app))
+        if cached and now - cached[0] < CACHE_SECONDS:
+            return cached[1]
+    from worker.model_client import make_client  # only this route needs the SDK
+
+    try:
+        client = make_client({**app.config, "OPENAI_TIMEOUT": 5, "OPENAI_MAX_RETRIES": 0})
+        models = sorted(m.id for m in client.models.list())
+    except Exception as exc:  # the backend may not list models at all
+        log.info("could not list models: %s", exc)
+        models = []
+    with _lock:
+        _cache[id(app)] = (now, models)
+    return models
+
+
+def model_catalog(app: Flask) -> dict[str, Any]:
+    default = app.config["DEFAULT_MODEL"]
+    models = available_models(app)
+    if default not in models:
+        models = [default, *models]
+    return {"default": default, "models": models, "backend": backend_label(app.config)}
