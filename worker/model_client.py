@@ -54,9 +54,12 @@ def open_stream(
     model: str,
     messages: list[dict[str, str]],
     temperature: float | None = None,
+    max_tokens: int = 0,
 ) -> Any:
     """Start a streamed completion; use it as a context manager so it is always closed."""
-    extra = {} if temperature is None else {"temperature": temperature}
+    extra: dict[str, Any] = {} if temperature is None else {"temperature": temperature}
+    if max_tokens:
+        extra["max_tokens"] = max_tokens
     try:
         return client.chat.completions.create(
             model=model,

@@ -130,7 +130,10 @@ class Generation:
             conv = msg.conversation
             messages = chat.history(conv, msg)
             client = client_for(self.app)
-            with model_client.open_stream(client, msg.model, messages, conv.temperature) as stream:
+            max_tokens = int(self.app.config["MAX_OUTPUT_TOKENS"])
+            with model_client.open_stream(
+                client, msg.model, messages, conv.temperature, max_tokens
+            ) as stream:
                 guard.attach(stream)
                 for event in model_client.events(stream):
                     if guard.interrupted:

@@ -1,0 +1,156 @@
+"""The one-command run: embedded Redis, the real SmolLM2 model, web and worker under honcho.
+
+These start ``python -m tidechat.devserver`` (what ``bin/dev`` runs) with no REDIS_URL and
+no OpenAI variables, exactly as a newcomer would, and talk to it over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import redis
+
+from tests.helpers import new_conversation, read_events, send, text
+from tests.stack import ROOT, free_port
+from tidechat.embedded import LOCAL_BACKEND_LABEL, LOCAL_MODEL
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass
+class LocalApp:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def child_named(self, name: str) -> psutil.Process:
+        return next(p for p in self.descendants() if name in " ".join(p.cmdline()))
+
+
+@pytest.fixture(scope="module")
+def local_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalApp]:
+    instance = tmp_path_factory.mktemp("instance")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("TIDECHAT_", "OPENAI_")) and k != "REDIS_URL"
+    }
+    port = free_port()
+    env.update(PORT=str(port), TIDECHAT_INSTANCE_PATH=str(instance), PYTHONUNBUFFERED="1")
+    log = instance / "dev.log"
+    with log.open("wb") as handle:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tidechat.devserver"],
+            cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    app = LocalApp(f"http://127.0.0.1:{port}", proc, log)
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        try:
+            catalog = httpx.get(app.url + "/api/models", timeout=2).json()
+            if catalog["models"] == [LOCAL_MODEL]:  # listed by the model server itself
+                break
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    yield app
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def local_http(local_app: LocalApp) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=local_app.url, timeout=60) as client:
+        yield client
+
+
+def test_page_names_the_local_model_and_backend(local_http):
+    catalog = local_http.get("/api/models").json()
+    assert catalog == {
+        "default": LOCAL_MODEL, "models": [LOCAL_MODEL], "backend": LOCAL_BACKEND_LABEL,
+    }  # fmt: skip
+    assert local_http.get("/").status_code == 200
+
+
+def test_real_model_answers_and_stream_equals_stored(local_http):
+    cid = new_conversation(local_http)
+    gen = send(local_http, cid, "Count from 1 to 10.", LOCAL_MODEL)
+    events = read_events(local_http, gen["events_url"], timeout=120)
+    assert events[-1].event == "done", events[-1]
+    answer = text(events)
+    assert answer.strip()
+    stored = local_http.get(f"/api/conversations/{cid}").json()["messages"][-1]
+    assert stored["content"] == answer
+    assert stored["status"] == "done"
+
+
+def test_real_model_resume_mid_answer_yields_exactly_the_rest(local_http):
+    cid = new_conversation(local_http)
+    gen = send(local_http, cid, "Write three sentences about the ocean.", LOCAL_MODEL)
+    head = read_events(local_http, gen["events_url"], limit=5)
+    tail = read_events(local_http, gen["events_url"], cursor=head[-1].id, timeout=120)
+    full = read_events(local_http, gen["events_url"], timeout=120)
+    assert head + tail == full
+    stored = local_http.get(f"/api/conversations/{cid}").json()["messages"][-1]
+    assert text(full) == stored["content"]
+
+
+def test_real_model_stop(local_http):
+    cid = new_conversation(local_http)
+    gen = send(local_http, cid, "Write a very long story about a lighthouse keeper.", LOCAL_MODEL)
+    head = read_events(local_http, gen["events_url"], limit=3)
+    assert local_http.post(gen["cancel_url"]).status_code in (200, 202)
+    rest = read_events(local_http, gen["events_url"], cursor=head[-1].id, timeout=30)
+    assert rest[-1].event == "done"
+    assert rest[-1].data["finish_reason"] == "cancelled"
+    stored = local_http.get(f"/api/conversations/{cid}").json()["messages"][-1]
+    assert stored["status"] == "cancelled"
+    assert stored["content"] == text(head + rest)
+
+
+def test_embedded_redis_serves_web_and_worker(local_app):
+    server = local_app.child_named("redis-server")
+    (port,) = {c.laddr.port for c in server.net_connections("tcp") if c.status == "LISTEN"}
+    clients = redis.Redis(port=port).client_list()
+    peers = {int(c["addr"].rsplit(":", 1)[1]) for c in clients}
+
+    def uses_redis(proc: psutil.Process) -> bool:
+        conns = proc.net_connections("tcp")
+        return any(c.raddr and c.raddr.port == port and c.laddr.port in peers for c in conns)
+
+    web = [p for p in local_app.descendants() if "gunicorn" in " ".join(p.cmdline())]
+    worker = local_app.child_named("celery")
+    assert any(uses_redis(p) for p in web)
+    assert uses_redis(worker)
+
+
+def test_ctrl_c_stops_every_process(local_app):
+    """Last in this module: stops the app and checks nothing is left behind."""
+    children = local_app.descendants()
+    redis_port = next(
+        c.laddr.port
+        for c in local_app.child_named("redis-server").net_connections("tcp")
+        if c.status == "LISTEN"
+    )
+    assert len(children) >= 4
+    os.kill(local_app.proc.pid, signal.SIGINT)
+    local_app.proc.wait(30)
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    assert alive == []
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(port=redis_port, socket_connect_timeout=1).ping()
