@@ -1,0 +1,106 @@
+"""Storage against both backends: SQLite (the default) and PostgreSQL (DATABASE_URL)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import inspect
+from sqlalchemy.orm import Session
+
+from tests.conftest import postgres_database
+from tidechat import chat, db, models
+from tidechat.models import Conversation
+from tidechat.stream_bus import Entry
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'storage.db'}"
+    else:
+        with postgres_database() as url:
+            yield url
+
+
+@pytest.fixture
+def session(database_url: str) -> Iterator[Session]:
+    db.upgrade(database_url)
+    engine = db.make_engine(database_url)
+    with Session(engine, expire_on_commit=False) as s:
+        yield s
+    engine.dispose()
+
+
+def test_migrations_create_the_schema(database_url):
+    db.upgrade(database_url)
+    engine = db.make_engine(database_url)
+    tables = set(inspect(engine).get_table_names())
+    engine.dispose()
+    assert {"conversations", "messages", "alembic_version"} <= tables
+
+
+def test_turns_round_trip_exactly(session):
+    conv = Conversation(owner="alice")
+    session.add(conv)
+    session.commit()
+    content = "Ünïcødé 🌊 \r\n\r\ndata: x ' \" ; DROP TABLE messages; --"
+    user, assistant = chat.start_turn(session, conv, content, "m1")
+    terminal = Entry("5-0", "done", '{"finish_reason":"stop","usage":{"total_tokens":4}}')
+    chat.apply_terminal(assistant, "answer ✓", terminal)
+    session.commit()
+    session.expunge_all()
+
+    again = session.get(Conversation, conv.id)
+    assert [(m.role, m.content, m.status) for m in again.messages] == [
+        ("user", content, models.DONE),
+        ("assistant", "answer ✓", models.DONE),
+    ]
+    stored = again.messages[1]
+    assert stored.usage == {"total_tokens": 4}
+    assert stored.finish_reason == "stop"
+    assert stored.created_at.tzinfo is not None
+    assert again.title == chat.title_from(content)
+
+
+def test_history_follows_message_order_and_skips_empty_answers(session):
+    conv = Conversation(owner="bob", system_prompt="Be brief.")
+    session.add(conv)
+    session.commit()
+    first_user, first_answer = chat.start_turn(session, conv, "one", "m")
+    first_answer.content, first_answer.status = "uno", models.DONE
+    failed_user, failed = chat.start_turn(session, conv, "two", "m")
+    failed.status = models.ERROR
+    _, current = chat.start_turn(session, conv, "three", "m")
+    assert chat.history(conv, current) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "uno"},
+        {"role": "user", "content": "two"},
+        {"role": "user", "content": "three"},
+    ]
+
+
+def test_listing_is_per_owner_and_newest_first(session):
+    older, newer, other = (Conversation(owner=o) for o in ("carol", "carol", "dave"))
+    session.add_all([older, newer, other])
+    session.commit()
+    chat.start_turn(session, newer, "bump", "m")
+    assert [c.id for c in chat.list_conversations(session, "carol")] == [newer.id, older.id]
+    with pytest.raises(Exception, match="No such conversation"):
+        chat.owned_conversation(session, "dave", older.id)
+    _, assistant = chat.start_turn(session, older, "hi", "m")
+    assert chat.owned_generation(session, "carol", assistant.generation_id).id == assistant.id
+    with pytest.raises(Exception, match="No such generation"):
+        chat.owned_generation(session, "dave", assistant.generation_id)
+
+
+def test_deleting_a_conversation_deletes_its_messages(session):
+    conv = Conversation(owner="erin")
+    session.add(conv)
+    session.commit()
+    _, assistant = chat.start_turn(session, conv, "bye", "m")
+    session.delete(conv)
+    session.commit()
+    assert session.query(models.Message).filter_by(conversation_id=conv.id).count() == 0
+    assert chat.generation_message(session, assistant.generation_id) is None
