@@ -9,7 +9,7 @@ import click
 import redis
 from flask import Flask
 
-from tidechat import db, errors
+from tidechat import db, errors, rate_limit
 from tidechat.config import INSTANCE_DIR, finalize, load_config
 from tidechat.redis_keys import RedisKeys
 from tidechat.stream_bus import StreamBus
@@ -33,6 +33,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     errors.register(app)
     db.init_app(app)
     init_redis(app)
+    rate_limit.init_app(app)
     celery_init_app(app)
 
     app.register_blueprint(page.bp)

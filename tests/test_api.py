@@ -155,3 +155,28 @@ def test_page_carries_no_secret(http, settings):
     assert "text/html" in page.headers["content-type"]
     for secret in (settings["OPENAI_API_KEY"], settings["SECRET_KEY"]):
         assert secret not in page.text
+
+
+def test_too_many_messages_is_429_and_stores_nothing(make_app, model_server, worker):
+    app = make_app(TIDECHAT_RATE_LIMIT_MESSAGES='"2/minute"')
+    client = app.test_client()
+    cid = client.post("/api/conversations").get_json()["id"]
+    model = model_server.script(chunks=["ok"])
+    for _ in range(2):
+        response = client.post(
+            f"/api/conversations/{cid}/messages",
+            json={"content": "hi", "model": model, "stream": False},
+        )
+        assert response.status_code == 200
+    response = client.post(
+        f"/api/conversations/{cid}/messages", json={"content": "more", "model": model}
+    )
+    assert response.status_code == 429
+    assert error_of(response)["code"] == "rate_limited"
+    assert len(client.get(f"/api/conversations/{cid}").get_json()["messages"]) == 4
+    other = app.test_client()  # another identity has its own allowance
+    other_cid = other.post("/api/conversations").get_json()["id"]
+    response = other.post(
+        f"/api/conversations/{other_cid}/messages", json={"content": "hi", "model": model}
+    )
+    assert response.status_code == 202

@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "SECRET_KEY": "",
     "MAX_CONTENT_LENGTH": 1024 * 1024,  # bytes of a request body
     "MAX_MESSAGE_CHARS": 32_000,  # characters of one user message (413 past it)
+    "RATE_LIMIT_MESSAGES": "30/minute;1000/day",  # answers one identity may start (429 past it)
     # Redis layout and stream lifetime
     "KEY_PREFIX": "tidechat:",
     "STREAM_TTL": 3600,  # seconds a finished generation's stream stays replayable

@@ -11,6 +11,7 @@ from tidechat.errors import ApiError
 from tidechat.identity import current_owner
 from tidechat.model_catalog import model_catalog
 from tidechat.models import Conversation
+from tidechat.rate_limit import limiter, message_limit
 from tidechat.stream_bus import StreamBus
 from tidechat.views.hub import get_hub
 from worker import enqueue_generation
@@ -122,6 +123,7 @@ def list_models():
 
 
 @bp.post("/conversations/<cid>/messages")
+@limiter.limit(message_limit)
 def post_message(cid: str):
     body = json_body()
     content, model, stream = parse_message(body)
@@ -133,6 +135,7 @@ def post_message(cid: str):
 
 
 @bp.post("/conversations/<cid>/regenerate")
+@limiter.limit(message_limit)
 def regenerate(cid: str):
     """Answer the last user message again, replacing the last answer."""
     body = json_body() if request.content_length else {}
