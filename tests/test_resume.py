@@ -78,3 +78,13 @@ def test_resume_on_another_web_process(http, model_server, process_env, workdir)
         assert tail[-1].event == "done"
     finally:
         other.stop()
+
+
+def test_cursor_ahead_of_a_running_stream_still_closes(http, model_server):
+    """A made-up cursor beyond the end of a live stream ends with the stream, not never."""
+    model = model_server.script(chunks=["a", "b", "c"], delay=0.3)
+    _, gen = start(http, model)
+    events = read_events(http, gen["events_url"], cursor="99999999999999-0", timeout=20)
+    assert events == []
+    response = http.get(gen["events_url"], headers={"Last-Event-ID": "99999999999999-0"})
+    assert response.status_code == 204

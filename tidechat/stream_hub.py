@@ -82,13 +82,19 @@ class Subscription:
     def _deliver(self, frames: list[Frame]) -> None:
         with self._lock:
             for frame in frames:
-                if frame.id <= self.cursor or self.status == "ended":
+                if self.status == "ended":
+                    break
+                if frame.id <= self.cursor:
+                    # A cursor beyond the real end (made up, or from a stream since
+                    # recreated) must still see the stream close, not wait forever.
+                    if frame.terminal:
+                        self.status = "ended"
                     continue
                 self._frames.append(frame.wire)
                 self.cursor = frame.id
                 if frame.terminal:
                     self.status = "ended"
-            if self._frames:
+            if self._frames or self.status == "ended":
                 self._wakeup.set()
 
 
@@ -219,21 +225,25 @@ class StreamHub:
             return
         with self._reader.pipeline(transaction=False) as pipe:
             for sub in pending:
-                pipe.hget(self._bus.k(sub.gid).meta, "terminal_id")
-                pipe.exists(self._bus.k(sub.gid).meta)
+                keys = self._bus.k(sub.gid)
+                pipe.hget(keys.meta, "terminal_id")
+                pipe.exists(keys.meta)
+                pipe.xrevrange(keys.stream, count=1)
             replies = pipe.execute()
         for i, sub in enumerate(pending):
-            terminal_id, exists = replies[2 * i], replies[2 * i + 1]
+            terminal_id, exists, last = replies[3 * i : 3 * i + 3]
             if not exists:
                 sub._mark("missing")
             elif terminal_id is not None and sub.cursor >= id_tuple(terminal_id.decode()):
                 sub._mark("finished")
             else:
-                self._watch(sub)
+                last_id = id_tuple(last[0][0].decode()) if last else (0, 0)
+                self._watch(sub, min(sub.cursor, last_id))
 
-    def _watch(self, sub: Subscription) -> None:
+    def _watch(self, sub: Subscription, start: tuple[int, int]) -> None:
+        """Follow the sub's stream from ``start`` (never past the stream's real end)."""
         key = self._bus.k(sub.gid).stream
-        cursor = "{}-{}".format(*sub.cursor)
+        cursor = "{}-{}".format(*start)
         with self._lock:
             watched = self._watched.get(key)
             if watched is None:
@@ -241,7 +251,7 @@ class StreamHub:
                 backfill_to = None
             else:
                 watched.subs.add(sub)
-                backfill_to = watched.cursor if sub.cursor < id_tuple(watched.cursor) else None
+                backfill_to = watched.cursor if start < id_tuple(watched.cursor) else None
         sub._mark("live")
         if backfill_to is not None:
             # Others are already further along this stream: replay the gap for this one.
