@@ -45,6 +45,13 @@ class Proc:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGTERM the child if pytest itself dies (PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
 def spawn(name: str, argv: list[str], env: dict[str, str], logdir: Path) -> Proc:
     log = logdir / f"{name}.log"
     handle = log.open("ab")
@@ -55,6 +62,7 @@ def spawn(name: str, argv: list[str], env: dict[str, str], logdir: Path) -> Proc
         stdout=handle,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: stop() reaches every child
+        preexec_fn=_die_with_parent,
     )
     handle.close()
     return Proc(name, popen, log)
