@@ -41,8 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "KEY_PREFIX": "tidechat:",
     "STREAM_TTL": 3600,  # seconds a finished generation's stream stays replayable
     "LEASE_TTL": 6.0,  # seconds a worker's lease on a generation lives without renewal
-    "LEASE_RENEW": 1.0,  # how often the worker renews it (and polls the cancel flag)
-    "CANCEL_POLL": 0.2,  # seconds between cancel-flag checks while streaming
+    "LEASE_RENEW": 1.0,  # how often the worker renews it (and re-reads cancel flags)
     # SSE
     "PING_INTERVAL": 15.0,  # seconds between ": ping" comments on a quiet stream
     "SSE_RETRY_MS": 1000,  # the "retry:" hint sent to EventSource

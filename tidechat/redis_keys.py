@@ -6,6 +6,8 @@ Per generation ``<gid>``:
                            ``terminal_id`` (the stream id of the done/error entry);
 - ``<p>gen:<gid>:lease``   exists while a worker holds the generation (TTL, renewed);
 - ``<p>gen:<gid>:cancel``  set when the owner asks to stop.
+Channels:
+- ``<p>cancel``            pub/sub: a generation id, published when its owner asks to stop.
 Per web process ``<hub>``:
 - ``<p>hub:<hub>:wake``    a tiny stream the process writes to interrupt its own XREAD.
 Celery's broker keys live under ``<p>celery:`` (kombu's ``global_keyprefix``).
@@ -36,6 +38,9 @@ class RedisKeys:
             lease=base + "lease",
             cancel=base + "cancel",
         )
+
+    def cancel_channel(self) -> str:
+        return f"{self.prefix}cancel"
 
     def hub_wake(self, hub_id: str) -> str:
         return f"{self.prefix}hub:{hub_id}:wake"

@@ -163,17 +163,25 @@ class StreamBus:
         return _text(result)
 
     # -- lease and cancel ------------------------------------------------------------
-    def renew_and_check(self, gid: str, lease_ms: int) -> tuple[bool, bool]:
-        """Renew the worker's lease; return (lease still held, cancel requested)."""
-        k = self.k(gid)
+    def renew_and_check(self, gids: list[str], lease_ms: int) -> list[tuple[bool, bool]]:
+        """Renew these generations' leases in one round trip.
+
+        Returns (lease still held, cancel requested) for each.
+        """
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.pexpire(k.lease, lease_ms)
-            pipe.exists(k.cancel)
-            held, cancelled = pipe.execute()
-        return bool(held), bool(cancelled)
+            for gid in gids:
+                k = self.k(gid)
+                pipe.pexpire(k.lease, lease_ms)
+                pipe.exists(k.cancel)
+            replies = pipe.execute()
+        return [(bool(replies[i]), bool(replies[i + 1])) for i in range(0, len(replies), 2)]
 
     def request_cancel(self, gid: str) -> None:
-        self.redis.set(self.k(gid).cancel, "1", ex=self.stream_ttl)
+        """Set the cancel flag, and tell the worker running it at once."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.k(gid).cancel, "1", ex=self.stream_ttl)
+            pipe.publish(self.keys.cancel_channel(), gid)
+            pipe.execute()
 
     # -- reading ---------------------------------------------------------------------
     def meta(self, gid: str) -> dict[str, str]:

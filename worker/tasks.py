@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 from typing import Any
 
 from celery import shared_task
@@ -14,11 +13,13 @@ from flask import Flask, current_app
 from tidechat import chat, db, models
 from tidechat.stream_bus import DELTA, DONE, ERROR, StreamBus, dumps
 from worker import GENERATE_TASK, model_client
+from worker.lease_keeper import LeaseKeeper
 from worker.model_client import Finish, TextDelta, UpstreamError, Usage
 
 log = logging.getLogger(__name__)
 
 _clients: dict[int, Any] = {}
+_keepers: dict[int, LeaseKeeper] = {}
 
 
 @shared_task(name=GENERATE_TASK, ignore_result=True)
@@ -27,68 +28,26 @@ def generate(gid: str) -> None:
     Generation(app, gid).run()
 
 
+def keeper_for(app: Flask) -> LeaseKeeper:
+    """One lease keeper (and pub/sub connection) per app in this worker process."""
+    keeper = _keepers.get(id(app))
+    if keeper is None:
+        cfg = app.config
+        keeper = _keepers[id(app)] = LeaseKeeper(
+            cfg["REDIS_URL"],
+            app.extensions["stream_bus"],
+            float(cfg["LEASE_TTL"]),
+            float(cfg["LEASE_RENEW"]),
+        )
+    return keeper
+
+
 def client_for(app: Flask) -> Any:
     """One OpenAI client (and connection pool) per app in this worker process."""
     client = _clients.get(id(app))
     if client is None:
         client = _clients[id(app)] = model_client.make_client(app.config)
     return client
-
-
-class LeaseGuard:
-    """Beside the streaming loop: renews the worker's lease and watches the cancel flag.
-
-    On cancel (or if the lease was lost) it also closes the model stream, so a model that
-    has gone quiet is hung up on at once instead of at its next token.
-    """
-
-    def __init__(self, bus: StreamBus, gid: str, config: dict[str, Any]) -> None:
-        self.bus, self.gid = bus, gid
-        self.lease_ms = int(float(config["LEASE_TTL"]) * 1000)
-        self.poll = float(config["CANCEL_POLL"])
-        self.cancelled = threading.Event()
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._stream: Any = None
-        self._thread = threading.Thread(target=self._run, name=f"lease-{gid}", daemon=True)
-
-    @property
-    def interrupted(self) -> bool:
-        return self.cancelled.is_set() or self.lost.is_set()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def attach(self, stream: Any) -> None:
-        self._stream = stream
-        if self.interrupted:
-            self._hang_up()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll):
-            try:
-                held, cancel = self.bus.renew_and_check(self.gid, self.lease_ms)
-            except Exception:
-                log.exception("lease renewal failed for %s", self.gid)
-                continue
-            if cancel:
-                self.cancelled.set()
-            if not held:
-                self.lost.set()
-            if self.interrupted:
-                self._hang_up()
-                return
-
-    def _hang_up(self) -> None:
-        if self._stream is not None:
-            try:
-                self._stream.close()
-            except Exception:
-                log.debug("closing the model stream raised", exc_info=True)
 
 
 class Generation:
@@ -120,12 +79,12 @@ class Generation:
             self.bus.finish(self.gid, ERROR, error.payload(), models.ERROR)
 
     def _stream_and_record(self, s: Any, msg: models.Message) -> None:
-        guard = LeaseGuard(self.bus, self.gid, self.app.config)
+        keeper = keeper_for(self.app)
+        lease = keeper.hold(self.gid)
         parts: list[str] = []
         finish: str | None = None
         usage: dict | None = None
         error: UpstreamError | None = None
-        guard.start()
         try:
             conv = msg.conversation
             messages = chat.history(conv, msg)
@@ -134,14 +93,14 @@ class Generation:
             with model_client.open_stream(
                 client, msg.model, messages, conv.temperature, max_tokens
             ) as stream:
-                guard.attach(stream)
+                lease.attach(stream)
                 for event in model_client.events(stream):
-                    if guard.interrupted:
+                    if lease.interrupted:
                         break
                     if isinstance(event, TextDelta):
                         delta = (DELTA, dumps({"text": event.text}))
                         if self.bus.append(self.gid, [delta]) is None:
-                            guard.lost.set()  # ended by someone else: they record it
+                            lease.lost.set()  # ended by someone else: they record it
                             break
                         parts.append(event.text)
                     elif isinstance(event, Finish):
@@ -151,12 +110,12 @@ class Generation:
         except UpstreamError as exc:
             error = exc
         finally:
-            guard.stop()
+            keeper.release(lease)
 
         text = "".join(parts)
-        if guard.lost.is_set():
+        if lease.lost.is_set():
             chat.reconcile(s, self.bus, msg)
-        elif guard.cancelled.is_set() and finish is None:
+        elif lease.cancelled.is_set() and finish is None:
             payload = {"finish_reason": "cancelled", "usage": usage}
             self._record(s, msg, text, DONE, payload, models.CANCELLED)
         elif error is not None or finish is None:

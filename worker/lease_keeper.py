@@ -1,0 +1,123 @@
+"""Leases and cancels for every generation a worker process is running, in one place.
+
+A worker holds a lease (a Redis key with a TTL) on each generation it runs; readers end a
+generation whose lease expired with ``worker_lost``. One keeper per process renews all its
+leases in a single pipelined round trip per ``LEASE_RENEW``, and hears cancels at once on a
+pub/sub channel. The cancel flag itself is re-read at each renewal, so a missed message
+costs at most one interval. Per generation that is one command a second, not a poll loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import redis
+
+from tidechat.stream_bus import StreamBus
+
+log = logging.getLogger(__name__)
+
+
+class Lease:
+    """One running generation, as its task sees it: stopped by a cancel or a lost lease.
+
+    Either also closes the model stream, so a model that has gone quiet is hung up on at
+    once instead of at its next token.
+    """
+
+    def __init__(self, gid: str) -> None:
+        self.gid = gid
+        self.cancelled = threading.Event()
+        self.lost = threading.Event()
+        self._stream: Any = None
+
+    @property
+    def interrupted(self) -> bool:
+        return self.cancelled.is_set() or self.lost.is_set()
+
+    def attach(self, stream: Any) -> None:
+        self._stream = stream
+        if self.interrupted:
+            self._hang_up()
+
+    def interrupt(self, event: threading.Event) -> None:
+        if not event.is_set():
+            event.set()
+            self._hang_up()
+
+    def _hang_up(self) -> None:
+        if self._stream is not None:
+            try:
+                self._stream.close()
+            except Exception:
+                log.debug("closing the model stream raised", exc_info=True)
+
+
+class LeaseKeeper:
+    def __init__(self, redis_url: str, bus: StreamBus, lease_ttl: float, renew_every: float):
+        self.bus = bus
+        self.lease_ms = int(lease_ttl * 1000)
+        self.renew_every = renew_every
+        self._pubsub_client = redis.Redis.from_url(redis_url, socket_timeout=None)
+        self._leases: dict[str, Lease] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, gid: str) -> Lease:
+        lease = Lease(gid)
+        with self._lock:
+            self._leases[gid] = lease
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+                self._thread.start()
+        return lease
+
+    def release(self, lease: Lease) -> None:
+        with self._lock:
+            self._leases.pop(lease.gid, None)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._serve()
+            except Exception:
+                log.exception("lease keeper failed; restarting")
+                time.sleep(0.5)
+
+    def _serve(self) -> None:
+        pubsub = self._pubsub_client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(self.bus.keys.cancel_channel())
+        try:
+            next_renewal = time.monotonic()
+            while True:
+                wait = max(0.0, next_renewal - time.monotonic())
+                message = pubsub.get_message(timeout=wait)
+                if message is not None:
+                    self._on_cancel(message["data"].decode())
+                if time.monotonic() >= next_renewal:
+                    self._renew_all()
+                    next_renewal = time.monotonic() + self.renew_every
+        finally:
+            pubsub.close()
+
+    def _on_cancel(self, gid: str) -> None:
+        with self._lock:
+            lease = self._leases.get(gid)
+        if lease is not None:
+            lease.interrupt(lease.cancelled)
+
+    def _renew_all(self) -> None:
+        with self._lock:
+            leases = list(self._leases.values())
+        if not leases:
+            return
+        for lease, (held, cancel) in zip(
+            leases, self.bus.renew_and_check([le.gid for le in leases], self.lease_ms), strict=True
+        ):
+            if cancel:
+                lease.interrupt(lease.cancelled)
+            if not held:
+                lease.interrupt(lease.lost)
