@@ -64,6 +64,16 @@ def read_events(
     return events
 
 
+def kinds(events: list[Event]) -> list[str]:
+    """The event types, with runs of deltas folded into one (the worker may merge deltas
+    that arrive together, so how many there are is not part of the contract)."""
+    out: list[str] = []
+    for e in events:
+        if not (e.event == "delta" and out and out[-1] == "delta"):
+            out.append(e.event)
+    return out
+
+
 def text(events: list[Event]) -> str:
     return "".join(e.data["text"] for e in events if e.event == "delta")
 

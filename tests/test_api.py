@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import new_conversation, read_events, send, start, text
+from tests.helpers import kinds, new_conversation, read_events, send, start, text
 
 
 def error_of(response) -> dict:
@@ -131,7 +131,7 @@ def test_text_cannot_forge_sse_events(http, model_server):
     cid = new_conversation(http)
     gen = send(http, cid, "user says \r\n\r\ndata: x", model)
     events = read_events(http, gen["events_url"])
-    assert [e.event for e in events] == ["delta", "delta", "done"]
+    assert kinds(events) == ["delta", "done"]
     assert text(events) == nasty + "tail"
     user = http.get(f"/api/conversations/{cid}").json()["messages"][0]
     assert user["content"] == "user says \r\n\r\ndata: x"

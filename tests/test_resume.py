@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import read_events, start, text
+from tests.helpers import kinds, read_events, start, text
 from tests.stack import start_web
 
 pytestmark = pytest.mark.e2e
@@ -16,9 +16,11 @@ CHUNKS = [f"w{i} " for i in range(12)]
 
 @pytest.fixture
 def finished(http, model_server):
-    model = model_server.script(chunks=CHUNKS)
+    model = model_server.script(chunks=CHUNKS, delay=0.01)
     _, gen = start(http, model)
-    return gen, read_events(http, gen["events_url"])
+    events = read_events(http, gen["events_url"])
+    assert len(events) >= 3  # some deltas (the worker may merge ones that arrive together)
+    return gen, events
 
 
 def test_resume_from_every_cursor_of_a_finished_stream(http, finished):
@@ -30,13 +32,16 @@ def test_resume_from_every_cursor_of_a_finished_stream(http, finished):
 
 def test_after_query_parameter_resumes_like_last_event_id(http, finished):
     gen, full = finished
-    assert read_events(http, gen["events_url"], cursor=full[4].id, header=False) == full[5:]
+    mid = len(full) // 2
+    assert (
+        read_events(http, gen["events_url"], cursor=full[mid].id, header=False) == full[mid + 1 :]
+    )
 
 
 def test_last_event_id_header_wins_over_after(http, finished):
     gen, full = finished
-    url = f"{gen['events_url']}?after={full[1].id}"
-    assert read_events(http, url, cursor=full[6].id) == full[7:]
+    url = f"{gen['events_url']}?after={full[0].id}"
+    assert read_events(http, url, cursor=full[-2].id) == full[-1:]
 
 
 def test_cursor_at_or_past_the_end_gets_204(http, finished):
@@ -62,7 +67,7 @@ def test_resume_mid_stream_of_a_running_generation(http, model_server, k):
     tail = read_events(http, gen["events_url"], cursor=head[-1].id)
     whole = head + tail
     assert text(whole) == "".join(CHUNKS)
-    assert [e.event for e in whole] == ["delta"] * len(CHUNKS) + ["done"]
+    assert kinds(whole) == ["delta", "done"]
     assert len({e.id for e in whole}) == len(whole)
 
 

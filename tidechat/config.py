@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "KEY_PREFIX": "tidechat:",
     "STREAM_TTL": 3600,  # seconds a finished generation's stream stays replayable
     "LEASE_TTL": 6.0,  # seconds a worker's lease on a generation lives without renewal
+    "STREAM_COALESCE_MS": 0.0,  # extra wait to merge deltas (they merge under load anyway)
     "LEASE_RENEW": 1.0,  # how often the worker renews it (and re-reads cancel flags)
     # SSE
     "PING_INTERVAL": 15.0,  # seconds between ": ping" comments on a quiet stream

@@ -134,12 +134,15 @@ class StreamBus:
         k = self.k(gid)
         return bool(self._claim(keys=[k.meta, k.lease], args=[lease_ms, holder]))
 
-    def append(self, gid: str, events: list[tuple[str, str]]) -> str | None:
-        """Append events (pipelined in one script call); None if no longer running."""
+    def append(self, gid: str, events: list[tuple[str, str]], pipe: Any = None) -> str | None:
+        """Append events in one script call; None if the generation is no longer running.
+
+        With ``pipe``, the call is queued there and its reply comes from ``pipe.execute()``.
+        """
         k = self.k(gid)
         flat = [part for pair in events for part in pair]
-        last = self._append(keys=[k.stream, k.meta], args=flat)
-        return _text(last)
+        last = self._append(keys=[k.stream, k.meta], args=flat, client=pipe)
+        return None if pipe is not None else _text(last)
 
     def finish(self, gid: str, event: str, payload: dict, final_state: str) -> str | None:
         """The worker writes the one terminal entry. None if another writer ended it first."""

@@ -5,49 +5,52 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 from celery import shared_task
 from flask import Flask, current_app
 
 from tidechat import chat, db, models
-from tidechat.stream_bus import DELTA, DONE, ERROR, StreamBus, dumps
+from tidechat.stream_bus import DONE, ERROR, StreamBus
 from worker import GENERATE_TASK, model_client
 from worker.lease_keeper import LeaseKeeper
 from worker.model_client import Finish, TextDelta, UpstreamError, Usage
+from worker.stream_writer import Outbox, StreamWriter
 
 log = logging.getLogger(__name__)
 
-_clients: dict[int, Any] = {}
-_keepers: dict[int, LeaseKeeper] = {}
+
+@dataclass
+class Runtime:
+    """What a worker process keeps for one app: the model client and its connection
+    pool, the lease keeper, the stream writer."""
+
+    client: Any
+    keeper: LeaseKeeper
+    writer: StreamWriter
+
+
+_runtimes: dict[int, Runtime] = {}
+
+
+def runtime_for(app: Flask) -> Runtime:
+    runtime = _runtimes.get(id(app))
+    if runtime is None:
+        cfg, bus = app.config, app.extensions["stream_bus"]
+        runtime = _runtimes[id(app)] = Runtime(
+            client=model_client.make_client(cfg),
+            keeper=LeaseKeeper(
+                cfg["REDIS_URL"], bus, float(cfg["LEASE_TTL"]), float(cfg["LEASE_RENEW"])
+            ),
+            writer=StreamWriter(bus, float(cfg["STREAM_COALESCE_MS"])),
+        )
+    return runtime
 
 
 @shared_task(name=GENERATE_TASK, ignore_result=True)
 def generate(gid: str) -> None:
-    app = current_app._get_current_object()
-    Generation(app, gid).run()
-
-
-def keeper_for(app: Flask) -> LeaseKeeper:
-    """One lease keeper (and pub/sub connection) per app in this worker process."""
-    keeper = _keepers.get(id(app))
-    if keeper is None:
-        cfg = app.config
-        keeper = _keepers[id(app)] = LeaseKeeper(
-            cfg["REDIS_URL"],
-            app.extensions["stream_bus"],
-            float(cfg["LEASE_TTL"]),
-            float(cfg["LEASE_RENEW"]),
-        )
-    return keeper
-
-
-def client_for(app: Flask) -> Any:
-    """One OpenAI client (and connection pool) per app in this worker process."""
-    client = _clients.get(id(app))
-    if client is None:
-        client = _clients[id(app)] = model_client.make_client(app.config)
-    return client
+    Generation(current_app._get_current_object(), gid).run()
 
 
 class Generation:
@@ -79,8 +82,9 @@ class Generation:
             self.bus.finish(self.gid, ERROR, error.payload(), models.ERROR)
 
     def _stream_and_record(self, s: Any, msg: models.Message) -> None:
-        keeper = keeper_for(self.app)
-        lease = keeper.hold(self.gid)
+        runtime = runtime_for(self.app)
+        lease = runtime.keeper.hold(self.gid)
+        outbox = Outbox(self.gid)
         parts: list[str] = []
         finish: str | None = None
         usage: dict | None = None
@@ -88,7 +92,7 @@ class Generation:
         try:
             conv = msg.conversation
             messages = chat.history(conv, msg)
-            client = client_for(self.app)
+            client = runtime.client
             max_tokens = int(self.app.config["MAX_OUTPUT_TOKENS"])
             with model_client.open_stream(
                 client, msg.model, messages, conv.temperature, max_tokens
@@ -98,9 +102,7 @@ class Generation:
                     if lease.interrupted:
                         break
                     if isinstance(event, TextDelta):
-                        delta = (DELTA, dumps({"text": event.text}))
-                        if self.bus.append(self.gid, [delta]) is None:
-                            lease.lost.set()  # ended by someone else: they record it
+                        if not runtime.writer.put(outbox, event.text):
                             break
                         parts.append(event.text)
                     elif isinstance(event, Finish):
@@ -110,7 +112,9 @@ class Generation:
         except UpstreamError as exc:
             error = exc
         finally:
-            keeper.release(lease)
+            runtime.keeper.release(lease)
+        if not runtime.writer.drain(outbox):
+            lease.lost.set()  # ended by someone else (the reaper): they record it
 
         text = "".join(parts)
         if lease.lost.is_set():
