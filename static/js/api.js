@@ -1,0 +1,61 @@
+// The JSON API. Every failure becomes an ApiError with the server's {code, message}.
+
+export class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+async function request(method, url, body) {
+  const init = { method, headers: { Accept: "application/json" } };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(url, init);
+  } catch {
+    throw new ApiError(0, "network", "Could not reach the server. Check your connection.");
+  }
+  if (response.status === 204) return null;
+  let data = null;
+  try {
+    data = await response.json();
+  } catch {
+    data = null;
+  }
+  if (!response.ok) {
+    const error = (data && data.error) || {};
+    throw new ApiError(
+      response.status,
+      error.code || "http_error",
+      error.message || `The server answered ${response.status} ${response.statusText}.`,
+    );
+  }
+  return data;
+}
+
+const conversation = (cid) => `/api/conversations/${encodeURIComponent(cid)}`;
+const generation = (gid) => `/api/generations/${encodeURIComponent(gid)}`;
+
+export const api = {
+  models: () => request("GET", "/api/models"),
+  conversations: async () => (await request("GET", "/api/conversations")).conversations,
+  createConversation: () => request("POST", "/api/conversations"),
+  conversation: (cid) => request("GET", conversation(cid)),
+  updateConversation: (cid, changes) => request("PATCH", conversation(cid), changes),
+  deleteConversation: (cid) => request("DELETE", conversation(cid)),
+  send: (cid, content, model) =>
+    request("POST", `${conversation(cid)}/messages`, model ? { content, model } : { content }),
+  regenerate: (cid, model) =>
+    request("POST", `${conversation(cid)}/regenerate`, model ? { model } : {}),
+  generation: (gid) => request("GET", generation(gid)),
+  cancel: (gid) => request("POST", `${generation(gid)}/cancel`),
+  eventsUrl: (gid, after) =>
+    `${generation(gid)}/events${after ? `?after=${encodeURIComponent(after)}` : ""}`,
+};
+
+export const FINAL_STATUSES = new Set(["done", "error", "cancelled"]);
