@@ -1,0 +1,143 @@
+"""The benchmark's server processes: model server, Tidechat worker and web, direct proxy.
+
+Mirrors ``tests/stack.py``: each process gets its own session (so ``stop`` reaches its
+children), dies with the harness (PR_SET_PDEATHSIG), and runs with its open-file soft
+limit raised to the hard limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+from bench.limits import raise_nofile
+from bench.worker_app import READY_LINE
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    """A started server process, its log, and (once known) the pid doing the work."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    url: str = ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+        """Stop the process group: SIGTERM, then SIGKILL after ``timeout``."""
+        if self.popen.poll() is not None:
+            return
+        try:
+            os.killpg(self.popen.pid, sig)
+            self.popen.wait(timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(5)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def work_pid(self) -> int:
+        """The pid serving requests: gunicorn's one worker, else the process itself."""
+        children = psutil.Process(self.popen.pid).children()
+        return children[0].pid if children else self.popen.pid
+
+
+def _child_setup() -> None:
+    raise_nofile()
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str], logdir: Path) -> Proc:
+    """Start ``argv`` in its own session with output in ``logdir/<name>.log``."""
+    log = logdir / f"{name}.log"
+    with log.open("ab") as handle:
+        popen = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_child_setup,
+        )
+    return Proc(name, popen, log)
+
+
+def wait_for(check: Callable[[], bool], proc: Proc, what: str, timeout: float = 90) -> None:
+    """Poll ``check`` until true; fail early with the log if the process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{what} exited early:\n{proc.output()[-4000:]}")
+        if check():
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not start in {timeout}s:\n{proc.output()[-4000:]}")
+
+
+def _http_ok(url: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            return httpx.get(url, timeout=1).status_code < 500
+        except httpx.HTTPError:
+            return False
+
+    return check
+
+
+def start_model_server(env: dict[str, str], logdir: Path) -> Proc:
+    """The loopback OpenAI-compatible model server (``bench/model_server.py``)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.model_server", "--port", str(port)]
+    proc = spawn("model", argv, env, logdir)
+    proc.url = f"http://127.0.0.1:{port}"
+    wait_for(_http_ok(proc.url + "/bench/stats"), proc, "model server")
+    return proc
+
+
+def start_worker(env: dict[str, str], logdir: Path, concurrency: int) -> Proc:
+    """One Celery worker process with the gevent pool."""
+    argv = [
+        str(BIN / "celery"), "-A", "bench.worker_app", "worker",
+        "--pool", "gevent", "--concurrency", str(concurrency), "--loglevel", "WARNING",
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+        "--hostname", f"bench-{os.getpid()}@%h",
+    ]  # fmt: skip
+    proc = spawn("worker", argv, env, logdir)
+    wait_for(lambda: READY_LINE in proc.output(), proc, "celery worker")
+    return proc
+
+
+def start_gunicorn(name: str, app: str, env: dict[str, str], logdir: Path, probe: str) -> Proc:
+    """One gunicorn+gevent worker process serving ``app`` (Tidechat's gunicorn.conf.py)."""
+    port = free_port()
+    env = {**env, "PORT": str(port), "HOST": "127.0.0.1", "WEB_CONCURRENCY": "1"}
+    argv = [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "--backlog", "4096", app]
+    proc = spawn(name, argv, env, logdir)
+    proc.url = f"http://127.0.0.1:{port}"
+    wait_for(_http_ok(proc.url + probe), proc, name)
+    return proc

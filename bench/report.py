@@ -1,0 +1,243 @@
+"""Presenting a result: the text table, the target checks, and the plot (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+STREAM_COLUMNS = (
+    ("streams", "streams"),
+    ("target", "target"),
+    ("tokens_per_s", "tok/s"),
+    ("ratio", "vs proxy"),
+    ("relay_p50_ms", "relay p50 ms"),
+    ("relay_p99_ms", "relay p99 ms"),
+    ("ingest_p50_ms", "model→Redis p50/p99 ms"),
+    ("fanout_p50_ms", "Redis→client p50/p99 ms"),
+    ("ttft_overhead_p50_ms", "TTFT+ p50 ms"),
+    ("ttft_overhead_p99_ms", "TTFT+ p99 ms"),
+    ("redis_cmds_per_token", "Redis cmd/tok"),
+    ("web_redis_conns", "web Redis conns"),
+    ("model_peak_streams", "peak model streams"),
+    ("errors", "errors"),
+    ("cpu", "CPU s web/worker/model/redis/clients"),
+)
+CAPACITY_COLUMNS = (
+    ("streams", "streams"),
+    ("rate", "tok/s each"),
+    ("target", "target"),
+    ("model_peak_streams", "peak concurrent"),
+    ("completed", "completed"),
+    ("tokens_per_s", "tok/s"),
+    ("ratio", "vs proxy"),
+    ("relay_p50_ms", "relay p50 ms"),
+    ("relay_p99_ms", "relay p99 ms"),
+    ("ttft_overhead_p50_ms", "TTFT+ p50 ms"),
+    ("errors", "errors"),
+    ("cpu", "CPU s web/worker/model/redis/clients"),
+)
+IDLE_COLUMNS = (
+    ("clients", "idle clients"),
+    ("target", "target"),
+    ("live", "connected (client)"),
+    ("server_conns", "connected (server)"),
+    ("rss_mb", "web RSS MB"),
+    ("rss_per_client_kb", "KB/client"),
+    ("redis_conns", "web Redis conns"),
+)
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Stream rows plus each Tidechat row's throughput ratio to the proxy's at its level."""
+    proxy = {r["streams"]: r for r in rows if r["target"] == "proxy"}
+    out = []
+    for row in rows:
+        row = dict(row)
+        base = proxy.get(row["streams"])
+        if row["target"] == "tidechat" and base and base["tokens_per_s"]:
+            row["ratio"] = round(row["tokens_per_s"] / base["tokens_per_s"], 2)
+        cpu = row.get("cpu_s", {})
+        web = cpu.get(row["target"], "")
+        for hop in ("ingest", "fanout"):
+            if row.get(f"{hop}_p50_ms") is not None:
+                row[f"{hop}_p50_ms"] = f"{row[f'{hop}_p50_ms']} / {row[f'{hop}_p99_ms']}"
+        row["cpu"] = "/".join(
+            str(v) for v in (web, cpu.get("worker", "-") if row["target"] == "tidechat" else "-",
+                             cpu.get("model", ""), cpu.get("redis", ""), cpu.get("clients", ""))
+        )  # fmt: skip
+        out.append(row)
+    return out
+
+
+def idle_rows(idle: list[dict]) -> list[dict]:
+    rows = []
+    for sweep in idle:
+        for point in sweep["levels"]:
+            rows.append({**point, "target": sweep["target"], "rss_mb": round(point["rss"] / 2**20)})
+    return sorted(rows, key=lambda r: (r["clients"], r["target"]))
+
+
+def markdown_table(rows: list[dict], columns: tuple) -> str:
+    """A GitHub-flavoured Markdown table (also readable as plain text)."""
+    head = "| " + " | ".join(title for _, title in columns) + " |"
+    rule = "|" + "|".join(" --- " for _ in columns) + "|"
+    body = [
+        "| " + " | ".join(_cell(row.get(key)) for key, _ in columns) + " |" for row in rows
+    ]
+    return "\n".join([head, rule, *body])
+
+
+def _cell(value: Any) -> str:
+    return "–" if value is None else str(value)
+
+
+def tables(result: dict) -> str:
+    """Both tables of a result, as Markdown."""
+    parts = [markdown_table(with_ratios(result["streams"]), STREAM_COLUMNS)]
+    if result.get("capacity"):
+        parts.append(markdown_table(with_ratios(result["capacity"]), CAPACITY_COLUMNS))
+    if result.get("idle"):
+        parts.append(markdown_table(idle_rows(result["idle"]), IDLE_COLUMNS))
+    return "\n\n".join(parts)
+
+
+def targets(result: dict) -> list[dict]:
+    """Each issue-5 target: the figure, the proxy's beside it, and whether it is met."""
+    rows = with_ratios(result["streams"])
+    tc = {r["streams"]: r for r in rows if r["target"] == "tidechat"}
+    px = {r["streams"]: r for r in rows if r["target"] == "proxy"}
+    top = max(tc) if tc else None
+    checks: list[dict] = []
+    if top is not None:
+        checks += _relay_checks(tc[top], px.get(top, {}))
+        ratios = [tc[n].get("ratio") for n in sorted(tc)]
+        checks.append(_check("tok/s >= 0.8 x proxy at every level", ratios, "proxy = 1.0",
+                             all(r is not None and r >= 0.8 for r in ratios)))  # fmt: skip
+        ttft = {n: tc[n]["ttft_overhead_p50_ms"] for n in sorted(tc)}
+        base = {n: px[n]["ttft_overhead_p50_ms"] for n in sorted(px)}
+        checks.append(_check("TTFT overhead p50 <= 20 ms (every level)", ttft, base,
+                             all(v is not None and v <= 20 for v in ttft.values())))  # fmt: skip
+    checks += _capacity_checks(result.get("capacity", []))
+    checks += _idle_checks(result.get("idle", []))
+    return checks
+
+
+def _capacity_checks(rows: list[dict]) -> list[dict]:
+    by = {r["target"]: r for r in rows}
+    tc, px = by.get("tidechat"), by.get("proxy", {})
+    if not tc:
+        return []
+    name = f"one worker sustains >= 500 concurrent generations ({tc['rate']:g} tok/s each)"
+    met = tc["model_peak_streams"] >= 500 and tc["errors"] == 0
+    return [_check(name, tc["model_peak_streams"], px.get("model_peak_streams"), met)]
+
+
+def _relay_checks(tc: dict, px: dict) -> list[dict]:
+    """Absolute relay overhead at the top level, the proxy's figure beside it."""
+    n = tc["streams"]
+    p50, p99 = tc["relay_p50_ms"], tc["relay_p99_ms"]
+    return [
+        _check(f"relay p50 <= 2 ms at {n} streams", p50, px.get("relay_p50_ms"),
+               p50 is not None and p50 <= 2),
+        _check(f"relay p99 <= 15 ms at {n} streams", p99, px.get("relay_p99_ms"),
+               p99 is not None and p99 <= 15),
+    ]  # fmt: skip
+
+
+def _idle_checks(idle: list[dict]) -> list[dict]:
+    sweeps = {s["target"]: s for s in idle}
+    tc, px = sweeps.get("tidechat"), sweeps.get("proxy")
+    if not tc or not tc["levels"]:
+        return []
+    last = tc["levels"][-1]
+    base = px["levels"][-1] if px and px["levels"] else {}
+    conns = sorted({p["redis_conns"] for p in tc["levels"]} | {tc["base_redis_conns"]})
+    return [
+        _check(f"{last['clients']} idle clients at <= 40 KB RSS each", last["rss_per_client_kb"],
+               base.get("rss_per_client_kb"),
+               min(last["live"], last.get("server_conns", last["live"])) >= last["clients"]
+               and last["rss_per_client_kb"] <= 40),
+        _check("constant Redis connections of the web process", conns, 0, len(conns) == 1),
+    ]  # fmt: skip
+
+
+def _check(name: str, value: Any, proxy: Any, met: bool) -> dict:
+    return {"target": name, "tidechat": value, "proxy": proxy, "met": bool(met)}
+
+
+def targets_table(checks: list[dict]) -> str:
+    columns = (("target", "target"), ("tidechat", "Tidechat"), ("proxy", "direct proxy"),
+               ("verdict", "met?"))  # fmt: skip
+    rows = [{**c, "verdict": "yes" if c["met"] else "**no**"} for c in checks]
+    return markdown_table(rows, columns)
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Four panels: throughput, relay overhead, TTFT overhead, idle RSS per client."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    _series(axes[0][0], result["streams"], "tokens_per_s", "delivered tokens/s", log=True)
+    _series(axes[0][1], result["streams"], "relay_p50_ms", "relay overhead ms (p50 ─, p99 ┄)",
+            log=True)
+    _series(axes[0][1], result["streams"], "relay_p99_ms", None, dashed=True)
+    _series(axes[1][0], result["streams"], "ttft_overhead_p50_ms", "TTFT overhead p50 ms",
+            log=True)
+    _idle_panel(axes[1][1], result.get("idle", []))
+    fig.suptitle(f"Tidechat vs direct proxy ({result['machine']['cpus']} cores, one web process)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _series(ax, rows: list[dict], key: str, title: str | None, log: bool = False,
+            dashed: bool = False) -> None:  # fmt: skip
+    for target, color in (("proxy", "tab:gray"), ("tidechat", "tab:blue")):
+        pts = [(r["streams"], r[key]) for r in rows if r["target"] == target and r[key] is not None]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, "--" if dashed else "-o", color=color,
+                    label=None if dashed else target)  # fmt: skip
+    ax.set_xscale("log")
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("concurrent streams")
+    if title:
+        ax.set_title(title)
+        ax.legend()
+    ax.grid(True, alpha=0.3)
+
+
+def _idle_panel(ax, idle: list[dict]) -> None:
+    for sweep in idle:
+        color = "tab:blue" if sweep["target"] == "tidechat" else "tab:gray"
+        pts = [(p["clients"], p["rss_per_client_kb"]) for p in sweep["levels"]]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, "-o", color=color, label=sweep["target"])
+    ax.axhline(40, color="tab:red", linestyle=":", label="target 40 KB")
+    ax.set_xscale("log")
+    ax.set_xlabel("idle SSE clients on one web process")
+    ax.set_title("web RSS per idle client (KB)")
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m bench.report result.json``: print a saved result's tables again."""
+    import json
+    import sys
+
+    path = Path((argv if argv is not None else sys.argv[1:])[0])
+    result = json.loads(path.read_text())
+    print(tables(result))
+    print()
+    print(targets_table(targets(result)))
+
+
+if __name__ == "__main__":
+    main()
