@@ -104,6 +104,14 @@ def test_worker_killed_mid_stream_ends_the_client_within_15s(
             gen = client.post(f"/api/conversations/{cid}/messages", json=body).get_json()
             gen = gen["generation"]
             model_server.wait_for_request(model, timeout=10, chunks=3)
+            # "Sent by the model" is not "in Redis": kill only once the worker has written
+            # k2, or the assertion below races the worker's read of that chunk.
+            deadline = time.monotonic() + 10
+            while not client.get(f"/api/generations/{gen['id']}").get_json()["text"].startswith(
+                "k0 k1 k2 "
+            ):
+                assert time.monotonic() < deadline, "the worker never wrote k2"
+                time.sleep(0.01)
             os.killpg(doomed.popen.pid, signal.SIGKILL)
             killed = time.monotonic()
             response = client.get(gen["events_url"])  # reads to the end of the stream
