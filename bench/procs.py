@@ -1,8 +1,8 @@
 """The benchmark's server processes: model server, Tidechat worker and web, direct proxy.
 
-Mirrors ``tests/stack.py``: each process gets its own session (so ``stop`` reaches its
-children), dies with the harness (PR_SET_PDEATHSIG), and runs with its open-file soft
-limit raised to the hard limit.
+Shared with ``tests/stack.py`` (``spawn``, ``Proc``, ``wait_for``): each process gets
+its own session (so ``stop`` reaches its children), dies with its parent
+(PR_SET_PDEATHSIG), and runs with its open-file soft limit raised to the hard limit.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import httpx
 import psutil
 
 from bench.limits import raise_nofile
-from bench.worker_app import READY_LINE
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -121,6 +120,8 @@ def start_model_server(env: dict[str, str], logdir: Path) -> Proc:
 
 def start_worker(env: dict[str, str], logdir: Path, concurrency: int) -> Proc:
     """One Celery worker process with the gevent pool."""
+    from bench.worker_app import READY_LINE  # not at import: tests/stack.py imports this
+
     argv = [
         str(BIN / "celery"), "-A", "bench.worker_app", "worker",
         "--pool", "gevent", "--concurrency", str(concurrency), "--loglevel", "WARNING",

@@ -1,7 +1,8 @@
 """The baseline: a direct proxy from the model to the client, no queue, no Redis.
 
 One Flask route, served like Tidechat's web (gunicorn+gevent, ``gunicorn.conf.py``):
-``POST /stream`` ``{"model"}`` calls the model server with the openai SDK (``stream=True``)
+``POST /stream`` ``{"model"}`` calls the model server with the openai SDK (``stream=True``, through
+``worker.model_client``, the worker's own model client)
 and writes each delta straight to the client as an SSE ``delta`` event ``{"text"}``, then
 ``done``, in Tidechat's own wire format. Whatever Tidechat's relay (Celery, Redis Streams,
 the per-process hub) costs is measured against this floor.
@@ -22,6 +23,7 @@ from flask import Flask, Response, request
 
 from tidechat.sse import ServerSentEvent
 from tidechat.stream_bus import dumps
+from worker import model_client
 
 RETRY = ServerSentEvent(retry=1000).encode()
 
@@ -64,18 +66,19 @@ def no_delay(sock: socket.socket | None) -> None:
 
 
 def relay(client: openai.OpenAI, model: str) -> Iterator[bytes]:
-    """SSE bytes: the headers go out at once, then one event per model delta."""
+    """SSE bytes: the headers go out at once, then one event per model delta.
+
+    The model is read exactly as Tidechat's worker reads it (``worker.model_client``), so
+    the two differ only in the relay."""
     yield RETRY
     messages = [{"role": "user", "content": "Hi"}]
     finish = None
-    with client.chat.completions.create(
-        model=model, messages=messages, stream=True, stream_options={"include_usage": True}
-    ) as upstream:
-        for chunk in upstream:
-            for choice in chunk.choices:
-                if choice.delta is not None and choice.delta.content:
-                    data = dumps({"text": choice.delta.content})
-                    yield ServerSentEvent(event="delta", data=data).encode()
-                finish = choice.finish_reason or finish
+    with model_client.open_stream(client, model, messages) as upstream:
+        for event in model_client.events(upstream):
+            if isinstance(event, model_client.TextDelta):
+                data = dumps({"text": event.text})
+                yield ServerSentEvent(event="delta", data=data).encode()
+            elif isinstance(event, model_client.Finish):
+                finish = event.reason
     done = dumps({"finish_reason": finish, "usage": None})
     yield ServerSentEvent(event="done", data=done).encode()

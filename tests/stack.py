@@ -2,70 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+from bench.procs import BIN, ROOT, Proc, free_port, spawn, wait_for
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    log: Path
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
-        if self.popen.poll() is not None:
-            return
-        try:
-            os.killpg(self.popen.pid, sig)
-            self.popen.wait(timeout)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(5)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-
-def _die_with_parent() -> None:
-    """Ask the kernel to SIGTERM the child if pytest itself dies (PR_SET_PDEATHSIG)."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-
-
-def spawn(name: str, argv: list[str], env: dict[str, str], logdir: Path) -> Proc:
-    log = logdir / f"{name}.log"
-    handle = log.open("ab")
-    popen = subprocess.Popen(
-        argv,
-        cwd=ROOT,
-        env=env,
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: stop() reaches every child
-        preexec_fn=_die_with_parent,
-    )
-    handle.close()
-    return Proc(name, popen, log)
+__all__ = ["ROOT", "Proc", "WebProc", "free_port", "spawn", "start_web", "start_worker"]
 
 
 def start_worker(env: dict[str, str], logdir: Path, name: str = "worker") -> Proc:
@@ -76,7 +21,7 @@ def start_worker(env: dict[str, str], logdir: Path, name: str = "worker") -> Pro
         "--hostname", f"{name}-{os.getpid()}@%h",
     ]  # fmt: skip
     proc = spawn(name, argv, env, logdir)
-    _wait_for(lambda: " ready." in proc.output(), proc, "celery worker")
+    wait_for(lambda: " ready." in proc.output(), proc, "celery worker")
     return proc
 
 
@@ -93,7 +38,7 @@ def start_web(env: dict[str, str], logdir: Path, name: str = "web", workers: int
         except httpx.HTTPError:
             return False
 
-    _wait_for(up, proc, "gunicorn")
+    wait_for(up, proc, "gunicorn")
     return WebProc(proc.name, proc.popen, proc.log, url=url)
 
 
@@ -106,14 +51,3 @@ class WebProc(Proc):
         import psutil
 
         return [c.pid for c in psutil.Process(self.popen.pid).children()]
-
-
-def _wait_for(check, proc: Proc, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"{what} exited early:\n{proc.output()[-4000:]}")
-        if check():
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} did not start in {timeout}s:\n{proc.output()[-4000:]}")
