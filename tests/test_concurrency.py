@@ -10,7 +10,9 @@ from tests.helpers import start, wait_status
 
 pytestmark = pytest.mark.e2e
 
-POOL_CONNECTIONS = 30  # tidechat/db.py: pool_size 10 + max_overflow 20
+# More than the worker's database pool holds (SQLite: SQLAlchemy's 5 + 10 overflow;
+# PostgreSQL: tidechat/db.py's 10 + 20).
+GENERATIONS = 40
 FIRST_TOKEN_DELAY = 8.0
 
 
@@ -18,9 +20,9 @@ def test_more_generations_than_database_connections_all_reach_the_model(
     http, other_http, model_server
 ):
     # A generation used to hold a pooled database connection for its whole stream, so the
-    # 31st waited for the first to finish before it could even call the model.
+    # pool's next one waited for the first to finish before it could even call the model.
     model = model_server.script(chunks=["ok"], first_delay=FIRST_TOKEN_DELAY)
-    count = POOL_CONNECTIONS + 10
+    count = GENERATIONS
     clients = [http, other_http]  # two owners: each stays under the per-owner rate limit
     gens = [(clients[i % 2], start(clients[i % 2], model)[1]) for i in range(count)]
 
