@@ -99,6 +99,20 @@ def test_real_model_answers_and_stream_equals_stored(local_http):
     assert stored["status"] == "done"
 
 
+def test_two_answers_at_once_both_finish(local_http, local_app):
+    # llama.cpp's server by default ends a running stream (with no finish_reason) as soon
+    # as another request arrives, so a second chat, or the page's model list, cut the first
+    # answer short ("upstream_incomplete"). Requests must queue instead.
+    first = send(local_http, new_conversation(local_http), "Name three fish.", LOCAL_MODEL)
+    read_events(local_http, first["events_url"], limit=2)  # the first answer is streaming
+    second = send(local_http, new_conversation(local_http), "Name three birds.", LOCAL_MODEL)
+    for gen in (first, second):
+        events = read_events(local_http, gen["events_url"], timeout=120)
+        assert events[-1].event == "done", events[-1]
+        assert events[-1].data["finish_reason"] in ("stop", "length")
+        assert text(events).strip()
+
+
 def test_real_model_resume_mid_answer_yields_exactly_the_rest(local_http):
     cid = new_conversation(local_http)
     gen = send(local_http, cid, "Write three sentences about the ocean.", LOCAL_MODEL)

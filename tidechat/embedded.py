@@ -69,6 +69,9 @@ def model_argv(port: int) -> list[str]:
         "--port", str(port),
         "--n_ctx", "2048",
         "--n_threads", str(max(1, min(2, os.cpu_count() or 1))),
+        # Its default ends a running stream, with no finish_reason, whenever another
+        # request arrives (a second chat, the page's model list): queue them instead.
+        "--interrupt_requests", "False",
     ]  # fmt: skip
 
 
