@@ -23,7 +23,7 @@ function languageOf(lang) {
 
 const marked = new Marked({
   gfm: true,
-  breaks: false,
+  breaks: true, // one newline is a line break, as in every chat product (poems, lists)
   renderer: {
     html({ text, block }) {
       const shown = escapeHtml(text.replace(/\n+$/, ""));

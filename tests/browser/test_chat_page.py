@@ -164,6 +164,19 @@ def test_model_output_is_inert_and_code_is_highlighted(page, context, model_serv
     assert stored["content"] == "".join(chunks)
 
 
+def test_single_newlines_in_an_answer_are_line_breaks(page, context, model_server):
+    # Markdown joins lines by default, which ran a poem's lines together into one.
+    poem = "Waves fold on the shore,\nsalt wind through the dark sails,\nstill water at dusk."
+    model = model_server.script(chunks=[poem])
+    cid = new_chat(context, model)
+    open_chat(page, cid, model)
+    send(page, "A haiku, please")
+    answer = last_answer(page)
+    expect(answer).not_to_have_class(STREAMING)
+    expect(answer.locator(".markdown p br")).to_have_count(2)
+    assert answer.locator(".markdown").inner_text() == poem
+
+
 def test_stop_ends_the_answer_where_it_is(page, context, model_server):
     model = model_server.script(chunks=words(200), delay=0.1)
     cid = new_chat(context, model)
