@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.helpers import new_conversation, read_events, send, start, text, wait_status
+from tests.stack import free_port
+from tidechat import model_catalog
 
 
 def test_rename_and_settings(client):
@@ -39,6 +43,19 @@ def test_models_lists_the_default_first_and_names_the_backend(client, app, model
     host = model_server.base_url.split("//")[1].split("/")[0]
     assert catalog["backend"] == host
     assert "sk-" not in str(catalog)
+
+
+def test_a_failed_model_listing_is_retried_soon(make_app, model_server, monkeypatch):
+    # A backend busy with a long answer (llama.cpp's server) fails the listing; the picker
+    # must not be stuck with the default alone for the whole cache period.
+    app = make_app(OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1")
+    client = app.test_client()
+    assert client.get("/api/models").get_json()["models"] == [app.config["DEFAULT_MODEL"]]
+    model = model_server.script(chunks=["listed"])
+    app.config["OPENAI_BASE_URL"] = model_server.base_url
+    later = time.monotonic() + model_catalog.RETRY_SECONDS + 1
+    monkeypatch.setattr(model_catalog.time, "monotonic", lambda: later)
+    assert model in client.get("/api/models").get_json()["models"]
 
 
 @pytest.mark.e2e

@@ -12,6 +12,9 @@ from flask import Flask
 
 log = logging.getLogger(__name__)
 CACHE_SECONDS = 60.0
+# A failed listing is retried sooner: llama.cpp's server, for one, answers /v1/models only
+# between answers, so a look-up during a long answer times out.
+RETRY_SECONDS = 5.0
 
 _cache: dict[int, tuple[float, list[str]]] = {}
 _lock = threading.Lock()
@@ -32,12 +35,12 @@ def available_models(app: Flask) -> list[str]:
     now = time.monotonic()
     with _lock:
         cached = _cache.get(id(app))
-        if cached and now - cached[0] < CACHE_SECONDS:
+        if cached and now - cached[0] < (CACHE_SECONDS if cached[1] else RETRY_SECONDS):
             return cached[1]
     from worker.model_client import make_client  # only this route needs the SDK
 
     try:
-        client = make_client({**app.config, "OPENAI_TIMEOUT": 5, "OPENAI_MAX_RETRIES": 0})
+        client = make_client({**app.config, "OPENAI_TIMEOUT": 3, "OPENAI_MAX_RETRIES": 0})
         models = sorted(m.id for m in client.models.list())
     except Exception as exc:  # the backend may not list models at all
         log.info("could not list models: %s", exc)
