@@ -6,6 +6,7 @@ no OpenAI variables, exactly as a newcomer would, and talk to it over HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -69,8 +70,17 @@ def local_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalApp]:
             pass
         time.sleep(0.5)
     yield app
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:  # a test stopped it already, else stop it like Ctrl-C would
+        # honcho puts each child in its own process group: reach them by pid if it fails.
+        children = app.descendants()
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
 
 
 @pytest.fixture
