@@ -16,8 +16,8 @@ CACHE_SECONDS = 60.0
 # between answers, so a look-up during a long answer times out.
 RETRY_SECONDS = 5.0
 
-_cache: dict[int, tuple[float, list[str]]] = {}
 _lock = threading.Lock()
+_CACHE = "tidechat.model_catalog"  # app.extensions key: (fetched at, models)
 
 
 def backend_label(config: dict[str, Any]) -> str:
@@ -34,7 +34,7 @@ def available_models(app: Flask) -> list[str]:
     """The backend's /v1/models, cached briefly; just the default if it cannot be listed."""
     now = time.monotonic()
     with _lock:
-        cached = _cache.get(id(app))
+        cached = app.extensions.get(_CACHE)
         if cached and now - cached[0] < (CACHE_SECONDS if cached[1] else RETRY_SECONDS):
             return cached[1]
     from worker.model_client import make_client  # only this route needs the SDK
@@ -46,7 +46,7 @@ def available_models(app: Flask) -> list[str]:
         log.info("could not list models: %s", exc)
         models = []
     with _lock:
-        _cache[id(app)] = (now, models)
+        app.extensions[_CACHE] = (now, models)
     return models
 
 
