@@ -12,9 +12,7 @@ Run: ``gunicorn -c gunicorn.conf.py 'bench.proxy:create_app()'`` with ``OPENAI_B
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 from collections.abc import Iterator
 
 import httpx
@@ -49,20 +47,11 @@ def create_app() -> Flask:
     @app.post("/stream")
     def stream() -> Response:
         model = str((request.get_json(silent=True) or {}).get("model", ""))
-        no_delay(request.environ.get("gunicorn.socket"))
         return Response(
             relay(client, model), mimetype="text/event-stream", direct_passthrough=True
         )
 
     return app
-
-
-def no_delay(sock: socket.socket | None) -> None:
-    """Disable Nagle's algorithm: gunicorn does not, and small SSE writes then wait for
-    the client's delayed ACK (tens of milliseconds each under load)."""
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def relay(client: openai.OpenAI, model: str) -> Iterator[bytes]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
 from collections.abc import Iterator
 
 from flask import Blueprint, Response, current_app, request
@@ -46,7 +44,6 @@ def generation_events(gid: str):
         body = _from_database(msg)  # the stream expired: replay the stored answer
     else:
         body = _tail(sub, float(current_app.config["PING_INTERVAL"]))
-        _no_delay(request.environ.get("gunicorn.socket"))
 
     retry = ServerSentEvent(retry=int(current_app.config["SSE_RETRY_MS"])).encode()
     return Response(
@@ -55,14 +52,6 @@ def generation_events(gid: str):
         headers=SSE_HEADERS,
         direct_passthrough=True,
     )
-
-
-def _no_delay(sock: socket.socket | None) -> None:
-    """Send each event as soon as it is written. gunicorn leaves Nagle's algorithm on, and
-    then a small SSE write waits for the client's delayed ACK (up to ~40 ms)."""
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
