@@ -92,7 +92,6 @@ class Generation:
         try:
             conv = msg.conversation
             messages = chat.history(conv, msg)
-            temperature = conv.temperature
             # End the read transaction: a generation must not hold one of the pool's few
             # database connections for its whole stream (it capped concurrent generations
             # at the pool size).
@@ -100,7 +99,7 @@ class Generation:
             client = runtime.client
             max_tokens = int(self.app.config["MAX_OUTPUT_TOKENS"])
             with model_client.open_stream(
-                client, msg.model, messages, temperature, max_tokens
+                client, msg.model, messages, conv.temperature, max_tokens
             ) as stream:
                 lease.attach(stream)
                 for event in model_client.events(stream):
