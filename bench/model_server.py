@@ -62,7 +62,8 @@ def parse_model(name: str) -> Spec | None:
 
 
 class ChunkFormat:
-    """Pre-encoded chat.completion.chunk bytes for one stream: only the stamp varies."""
+    """chat.completion.chunk SSE events for one stream (also the test double's, in
+    tests/model_server.py); token chunks are pre-encoded: only the stamp varies."""
 
     def __init__(self, model: str, chunk_id: str) -> None:
         self.head = {
@@ -83,11 +84,16 @@ class ChunkFormat:
         return b"%s%d %s" % (self.token_prefix, stamp_ns, self.token_suffix)
 
     def usage(self, completion_tokens: int) -> bytes:
-        usage = {
-            "prompt_tokens": 10,
-            "completion_tokens": completion_tokens,
-            "total_tokens": 10 + completion_tokens,
-        }
+        return self.usage_chunk(
+            {
+                "prompt_tokens": 10,
+                "completion_tokens": completion_tokens,
+                "total_tokens": 10 + completion_tokens,
+            }
+        )
+
+    def usage_chunk(self, usage: dict) -> bytes:
+        """The final chunk ``stream_options.include_usage`` asks for: no choices."""
         return self.event({**self.head, "choices": [], "usage": usage})
 
     @staticmethod

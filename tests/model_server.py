@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from bench.model_server import ChunkFormat
+
 DEFAULT_USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
 
 
@@ -153,32 +155,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Connection", "close")
         self.end_headers()
-        chunk_id = f"chatcmpl-{uuid.uuid4().hex[:20]}"
-        created = int(time.time())
-
-        def chunk(delta: dict, finish: str | None = None, **extra: Any) -> dict:
-            return {
-                "id": chunk_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "system_fingerprint": None,
-                "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-                ],
-                **extra,
-            }
-
+        fmt = ChunkFormat(model, f"chatcmpl-{uuid.uuid4().hex[:20]}")
         self._wait(script.first_delay, record)
-        self._event(chunk({"role": "assistant", "content": ""}))
+        self._send_raw(fmt.encode({"role": "assistant", "content": ""}))
         for i, text in enumerate(script.chunks):
             if i:
                 self._wait(script.delay, record)
-            self._event(chunk({"content": text}))
+            self._send_raw(fmt.encode({"content": text}))
             record.chunks_sent += 1
         self._wait(script.hang, record)
         if script.error_event is not None:
-            self._event({"error": script.error_event})
+            self._send_raw(fmt.event({"error": script.error_event}))
             self._end_body()
             return
         if script.cut:
@@ -186,15 +173,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             return
         if script.finish_reason is not None:
-            self._event(chunk({}, script.finish_reason))
+            self._send_raw(fmt.encode({}, script.finish_reason))
         if script.usage is not None:
-            self._event({**chunk({}), "choices": [], "usage": script.usage})
+            self._send_raw(fmt.usage_chunk(script.usage))
         if script.finish_reason is not None:
             self._send_raw(b"data: [DONE]\n\n")
         self._end_body()
-
-    def _event(self, payload: dict) -> None:
-        self._send_raw(b"data: " + json.dumps(payload).encode() + b"\n\n")
 
     def _send_raw(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
