@@ -166,8 +166,7 @@ async function openConversation(id) {
   } catch (error) {
     if (navigation !== state.navigation) return;
     if (error.status === 404) {
-      history.replaceState(null, "", "#/");
-      openDraft();
+      leaveToDraft();
       showAlert("That conversation doesn't exist any more.");
     } else {
       showAlert(`Could not open the conversation: ${error.message}`);
@@ -194,6 +193,12 @@ function openDraft() {
   if (!phone.matches) composer.focus(); // on a phone, focus would pop up the keyboard
 }
 
+/** The open conversation is gone: show a new chat in its place (no history entry). */
+function leaveToDraft() {
+  history.replaceState(null, "", "#/");
+  openDraft();
+}
+
 /** Another tab changed this conversation: show what is new, keep what streams. */
 async function refreshCurrent() {
   const open = state.conversation;
@@ -204,8 +209,7 @@ async function refreshCurrent() {
     conversation = await api.conversation(open.id);
   } catch (error) {
     if (navigation !== state.navigation || error.status !== 404) return;
-    history.replaceState(null, "", "#/");
-    openDraft();
+    leaveToDraft();
     showAlert("This conversation was deleted in another tab.");
     return;
   }
@@ -232,6 +236,15 @@ function sendErrorText(error) {
   return `Could not send: ${error.message}`;
 }
 
+/** An answer just queued in the open conversation: show it and follow its stream. */
+function showNewAnswer(generation, model) {
+  const view = new AssistantView({ id: generation.message_id, model, content: "" }, actions);
+  appendMessage(view.element, view);
+  state.stick = true;
+  attach(view, generation.id);
+  scrollToBottom();
+}
+
 async function send(text) {
   hideAlert();
   try {
@@ -247,11 +260,7 @@ async function send(text) {
     if (state.conversation?.id !== conversation.id) return true; // navigated away meanwhile
     if (messageViews().length === 0) setTitle(titleFrom(text));
     appendMessage(userMessage(message));
-    const view = new AssistantView({ id: generation.message_id, model, content: "" }, actions);
-    appendMessage(view.element, view);
-    state.stick = true;
-    attach(view, generation.id);
-    scrollToBottom();
+    showNewAnswer(generation, model);
     return true;
   } catch (error) {
     showAlert(sendErrorText(error));
@@ -299,11 +308,7 @@ async function regenerate() {
     if (state.conversation?.id !== conversation.id) return;
     const items = messageViews();
     while (items.length && items.at(-1).assistantView) items.pop().remove();
-    const view = new AssistantView({ id: generation.message_id, model, content: "" }, actions);
-    appendMessage(view.element, view);
-    state.stick = true;
-    attach(view, generation.id);
-    scrollToBottom();
+    showNewAnswer(generation, model);
   } catch (error) {
     showAlert(
       error.code === "generation_in_progress"
@@ -370,8 +375,7 @@ function confirmDelete(conversation) {
       announce("Conversation deleted");
       broadcast(conversation.id);
       if (state.conversation?.id === conversation.id) {
-        history.replaceState(null, "", "#/");
-        openDraft();
+        leaveToDraft();
       }
     } catch (error) {
       showAlert(`Could not delete: ${error.message}`);
