@@ -83,6 +83,7 @@ def test_connection_refused_becomes_error_event(make_app, process_env, workdir, 
             response = client.get(gen["events_url"])
             assert b"event: error" in response.data
             assert b'"code":"upstream_unreachable"' in response.data
+            assert b"The model server is down: could not connect to it." in response.data
     finally:
         refused_worker.stop()
 

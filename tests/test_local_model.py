@@ -40,6 +40,30 @@ class LocalApp:
     def child_named(self, name: str) -> psutil.Process:
         return next(p for p in self.descendants() if name in " ".join(p.cmdline()))
 
+    def supervisor(self, what: str) -> psutil.Process:
+        """The ``python -m tidechat.embedded <what>`` process that keeps a server up."""
+        wanted = ["tidechat.embedded", what]
+        return next(p for p in self.descendants() if p.cmdline()[-2:] == wanted)
+
+    def supervised(self, what: str, timeout: float = 30) -> psutil.Process:
+        """The server under that supervisor, once it listens."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for child in self.supervisor(what).children():
+                with contextlib.suppress(psutil.Error):
+                    if any(c.status == "LISTEN" for c in child.net_connections("tcp")):
+                        return child
+            time.sleep(0.2)
+        raise AssertionError(f"no {what} server listening; log:\n{self.log.read_text()[-3000:]}")
+
+
+def wait_dead(proc: psutil.Process, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(psutil.NoSuchProcess):
+        while proc.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, f"{proc.pid} still running"
+            time.sleep(0.05)
+
 
 @pytest.fixture(scope="module")
 def local_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalApp]:
@@ -161,6 +185,65 @@ def test_embedded_redis_serves_web_and_worker(local_app):
     worker = local_app.child_named("celery")
     assert any(uses_redis(p) for p in web)
     assert uses_redis(worker)
+
+
+def test_model_crash_keeps_the_app_up_and_answers_say_the_model_is_down(local_http, local_app):
+    supervisor, server = local_app.supervisor("model"), local_app.supervised("model")
+    supervisor.suspend()  # hold the restart, so the app is seen with its model down
+    try:
+        server.kill()
+        wait_dead(server)  # a zombie until its (stopped) supervisor reaps it
+        cid = new_conversation(local_http)
+        gen = send(local_http, cid, "Hello?", LOCAL_MODEL)
+        events = read_events(local_http, gen["events_url"], timeout=60)
+        assert events[-1].event == "error"
+        assert events[-1].data["code"] == "upstream_unreachable"
+        assert "llama.cpp (local)" in events[-1].data["message"]
+        assert "is down" in events[-1].data["message"]
+        assert local_http.get("/").status_code == 200
+        assert local_http.get("/api/conversations").status_code == 200
+        assert local_app.proc.poll() is None
+    finally:
+        supervisor.resume()
+    restarted = local_app.supervised("model")
+    assert restarted.pid != server.pid
+    log = local_app.log.read_text()
+    assert "model server stopped (killed by SIGKILL)" in log
+    assert "restarting model server in 1 s" in log
+    gen = send(local_http, cid, "Say hello.", LOCAL_MODEL)
+    events = read_events(local_http, gen["events_url"], timeout=120)
+    assert events[-1].event == "done", events[-1]
+    assert text(events).strip()
+
+
+def test_embedded_redis_crash_is_restarted_and_the_app_goes_on(local_http, local_app):
+    server = local_app.supervised("redis")
+    server.kill()
+    wait_dead(server)
+    restarted = local_app.supervised("redis")
+    assert restarted.pid != server.pid
+    assert "redis stopped (killed by SIGKILL)" in local_app.log.read_text()
+    deadline = time.monotonic() + 30
+    while True:  # web and worker reconnect on their own
+        with contextlib.suppress(httpx.HTTPError):
+            if local_http.post("/api/conversations").status_code == 201:
+                break
+        assert time.monotonic() < deadline, "the app did not come back after Redis restarted"
+        time.sleep(0.5)
+    cid = new_conversation(local_http)
+    gen = send(local_http, cid, "Name a colour.", LOCAL_MODEL)
+    events = read_events(local_http, gen["events_url"], timeout=120)
+    assert events[-1].event == "done", events[-1]
+    assert local_app.proc.poll() is None
+
+
+def test_terminal_shows_what_a_user_needs_not_the_loader_log(local_app):
+    log = local_app.log.read_text()
+    assert f"Tidechat is running: {local_app.url}/" in log
+    assert f"{LOCAL_MODEL} on {LOCAL_BACKEND_LABEL}" in log
+    assert "Ctrl-C stops everything." in log
+    assert "llama_model_loader" not in log  # one line per tensor with verbose on
+    assert len(log.splitlines()) < 150, log
 
 
 def test_ctrl_c_stops_every_process(local_app):

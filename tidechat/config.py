@@ -89,6 +89,8 @@ def finalize(config: dict[str, Any]) -> None:
         # user has seen, so a second run would double it (see README, "Worker death").
         "task_acks_late": False,
         "worker_prefetch_multiplier": 1,
+        # Cancel goes through Redis flags, not Celery's remote control: no pidbox to keep.
+        "worker_enable_remote_control": False,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {"global_keyprefix": config["KEY_PREFIX"] + "celery:"},
     }

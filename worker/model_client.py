@@ -55,6 +55,7 @@ def open_stream(
     messages: list[dict[str, str]],
     temperature: float | None = None,
     max_tokens: int = 0,
+    backend: str = "",
 ) -> openai.Stream[object]:
     """Start a streamed completion; use it as a context manager so it is always closed.
 
@@ -83,7 +84,7 @@ def open_stream(
             stream_cls=openai.Stream[object],
         )
     except Exception as exc:
-        raise classify(exc) from exc
+        raise classify(exc, backend=backend) from exc
 
 
 def events(stream: Iterable[object]) -> Iterator[ModelEvent]:
@@ -115,14 +116,20 @@ def _chunk_events(chunk: object) -> Iterator[ModelEvent]:
             yield Finish(str(choice["finish_reason"]))
 
 
-def classify(exc: BaseException, mid_stream: bool = False) -> UpstreamError:
-    """Map SDK and transport exceptions to a code and a message fit for the user."""
+def classify(exc: BaseException, mid_stream: bool = False, backend: str = "") -> UpstreamError:
+    """Map SDK and transport exceptions to a code and a message fit for the user;
+    ``backend`` names the model server where the user knows it (``llama.cpp (local)``)."""
     if isinstance(exc, UpstreamError):
         return exc
     if isinstance(exc, openai.APITimeoutError):
         return UpstreamError("upstream_timeout", "The model server did not answer in time.")
     if isinstance(exc, openai.APIConnectionError) and not mid_stream:
-        return UpstreamError("upstream_unreachable", "Could not connect to the model server.")
+        server = f"The model server ({backend})" if backend else "The model server"
+        return UpstreamError(
+            "upstream_unreachable",
+            f"{server} is down: could not connect to it. If it is restarting, try again "
+            "in a moment.",
+        )
     if isinstance(exc, openai.RateLimitError):
         return UpstreamError(
             "upstream_rate_limited", "The model server is rate limiting requests; try again soon."

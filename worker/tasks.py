@@ -98,8 +98,9 @@ class Generation:
             s.commit()
             client = runtime.client
             max_tokens = int(self.app.config["MAX_OUTPUT_TOKENS"])
+            backend = self.app.config["BACKEND_LABEL"]
             with model_client.open_stream(
-                client, msg.model, messages, conv.temperature, max_tokens
+                client, msg.model, messages, conv.temperature, max_tokens, backend
             ) as stream:
                 lease.attach(stream)
                 for event in model_client.events(stream):
