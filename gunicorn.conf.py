@@ -21,3 +21,22 @@ errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
 # Several servers may run on one host (tests, a second web process): no shared ctl socket.
 control_socket_disable = True
+
+
+def post_worker_init(worker) -> None:
+    """At SIGTERM (a deploy, a restart) end every open SSE stream at once, so its client
+    reconnects with its cursor to a process that stays, instead of stalling until
+    ``graceful_timeout`` cuts it."""
+    import signal
+
+    import gevent
+
+    from tidechat.views.hub import drain
+
+    stop = worker.handle_exit
+
+    def handle_exit(sig, frame) -> None:
+        stop(sig, frame)
+        gevent.spawn(drain, worker.wsgi)
+
+    signal.signal(signal.SIGTERM, handle_exit)

@@ -55,7 +55,7 @@ def read_events(
     with connect_sse(http, "GET", url, headers=headers, timeout=timeout) as source:
         source.response.raise_for_status()
         for sse in source.iter_sse():
-            if not sse.data:  # a block with no data (the "retry:" hint) dispatches nothing
+            if not sse.data or sse.event == "ping":  # the "retry:" hint, keepalives
                 continue
             events.append(Event(sse.id, sse.event, json.loads(sse.data)))
             if sse.event in ("done", "error") or (limit and len(events) >= limit):

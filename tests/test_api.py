@@ -125,6 +125,26 @@ def test_bad_cursor_is_400(http, model_server):
 
 
 @pytest.mark.e2e
+def test_cursor_beyond_redis_ids_is_400_under_every_name(http, model_server):
+    # It passed the old pattern and made the process's shared XREAD fail for every stream.
+    model = model_server.script(chunks=["a", "b"])
+    _, gen = start(http, model)
+    url = gen["events_url"]
+    for cursor in ("0-18446744073709551616", "18446744073709551616-0", "99999999999999999999"):
+        for response in (
+            http.get(url, headers={"Last-Event-ID": cursor}),
+            http.get(url, params={"after": cursor}),
+            http.get(url, params={"lastEventId": cursor}),
+        ):
+            assert response.status_code == 400, (cursor, response.request.url)
+            assert response.json()["error"]["code"] == "invalid_cursor"
+    events = read_events(http, url)
+    assert text(events) == "ab"
+    largest = "18446744073709551615-18446744073709551615"
+    assert http.get(url, headers={"Last-Event-ID": largest}).status_code == 204
+
+
+@pytest.mark.e2e
 def test_text_cannot_forge_sse_events(http, model_server):
     nasty = "a\r\n\r\ndata: x\n\nevent: done\r\nid: 9-9\rdata: {}\n"
     model = model_server.script(chunks=[nasty, "tail"])

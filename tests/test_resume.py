@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import time
+
+import httpx
 import pytest
+from httpx_sse import connect_sse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -93,3 +99,38 @@ def test_cursor_ahead_of_a_running_stream_still_closes(http, model_server):
     assert events == []
     response = http.get(gen["events_url"], headers={"Last-Event-ID": "99999999999999-0"})
     assert response.status_code == 204
+
+
+def test_sigterm_ends_open_streams_at_once_and_resume_elsewhere_is_exact(
+    http, model_server, process_env, workdir
+):
+    """A deploy: the web process a client streams from gets SIGTERM. Its streams must end
+    at once (not at gunicorn's 10 s graceful timeout) with a short retry hint, and the client
+    resumes on another process with exactly the rest."""
+    leaving = start_web(process_env, workdir, name="web-leaving")
+    chunks = [f"s{i} " for i in range(40)]
+    model = model_server.script(chunks=chunks, delay=0.1)
+    _, gen = start(http, model)
+    url = leaving.url + gen["events_url"]
+    seen, ids, retry_hints = [], [], []
+    try:
+        with httpx.Client(cookies=http.cookies, timeout=30) as client:
+            with connect_sse(client, "GET", url) as source:
+                for sse in source.iter_sse():
+                    if sse.retry is not None:
+                        retry_hints.append(sse.retry)
+                    if sse.event == "delta":
+                        seen.append(json.loads(sse.data)["text"])
+                        ids.append(sse.id)
+                        if len(ids) == 5:
+                            leaving.popen.send_signal(signal.SIGTERM)
+                            signalled = time.monotonic()
+                    assert sse.event not in ("done", "error"), "the stream should have been cut"
+            ended_after = time.monotonic() - signalled
+    finally:
+        leaving.stop()
+    assert ended_after < 5, f"stream held {ended_after:.1f} s after SIGTERM"
+    assert retry_hints[-1] == 250  # reconnect soon: another process is there
+    rest = read_events(http, gen["events_url"], cursor=ids[-1])
+    assert "".join(seen) + text(rest) == "".join(chunks)
+    assert rest[-1].event == "done"

@@ -118,14 +118,16 @@ def test_sse_headers_and_first_bytes(http, model_server):
     with http.stream("GET", gen["events_url"]) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        assert response.headers["cache-control"] == "no-cache"
+        assert response.headers["cache-control"] == "no-cache, no-transform"
         assert response.headers["x-accel-buffering"] == "no"
         assert "content-encoding" not in response.headers
         first = next(response.iter_raw())
         assert first.startswith(b"retry: ")
 
 
-def test_heartbeat_comment_while_model_is_silent(http, model_server):
+def test_keepalive_is_a_named_event_without_id_while_model_is_silent(http, model_server):
+    # Page code sees a named event (a comment is invisible to it) and can tell a stalled
+    # connection from a quiet answer; with no id it never moves the client's cursor.
     model = model_server.script(chunks=["late"], first_delay=2.5)
     _, gen = start(http, model)
     seen = b""
@@ -134,8 +136,11 @@ def test_heartbeat_comment_while_model_is_silent(http, model_server):
             seen += part
             if b"event: done" in seen:
                 break
-    before_first_delta = seen.split(b"event: delta")[0]
-    assert b": ping\n\n" in before_first_delta
+    blocks = seen.split(b"event: delta")[0].split(b"\n\n")
+    pings = [b for b in blocks if b"event: ping" in b]
+    assert pings[0] == b'event: ping\ndata: {"interval": 1}'  # sent at once, on connect
+    assert len(pings) >= 2  # and again while the model is silent (PING_INTERVAL is 1 s)
+    assert all(b"id:" not in b for b in pings)
 
 
 def test_a_burst_of_tiny_chunks_arrives_exactly(http, model_server):

@@ -195,4 +195,6 @@ def generation_view(bus: StreamBus, msg: Message) -> dict[str, Any]:
         "finish_reason": msg.finish_reason,
         "usage": msg.usage,
         "error": msg.error,
+        # the id of the last event in ``text``: follow the stream from there, exactly
+        "cursor": entries[-1].id if entries else None,
     }

@@ -40,4 +40,8 @@ def _single_line(field: str, value: str) -> None:
         raise ValueError(f"SSE {field} must be a single line without NUL")
 
 
-PING = ServerSentEvent(comment="ping").encode()
+def ping(interval: float) -> bytes:
+    """The keepalive: a named event, so page code sees it and can tell a stalled connection
+    from a quiet one, with no ``id``, so it never moves a client's resume cursor. ``interval``
+    says how often it comes."""
+    return ServerSentEvent(event="ping", data=f'{{"interval": {interval:g}}}').encode()

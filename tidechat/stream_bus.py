@@ -73,8 +73,13 @@ def dumps(payload: Any) -> str:
     return orjson.dumps(payload).decode()
 
 
+_MAX_ID_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit numbers
+
+
 def valid_cursor(cursor: str) -> bool:
-    return bool(_CURSOR.match(cursor))
+    """A stream id Redis accepts: checked by value too, since one out of range would make
+    the hub's shared XREAD fail for every client of the process."""
+    return bool(_CURSOR.match(cursor)) and max(id_tuple(cursor)) <= _MAX_ID_PART
 
 
 def id_tuple(stream_id: str) -> tuple[int, int]:

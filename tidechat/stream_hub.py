@@ -51,7 +51,9 @@ class Subscription:
     def __init__(self, hub: StreamHub, gid: str, cursor: str) -> None:
         self.gid = gid
         self.cursor = id_tuple(cursor)
-        self.status = "pending"  # then "live", "finished" (cursor at/after the end) or "missing"
+        # then "live", "finished" (cursor at/after the end) or "missing"; "ended" once the
+        # terminal event is delivered; "drained" if this process stops first
+        self.status = "pending"
         self._hub = hub
         self._frames: list[bytes] = []
         self._lock = threading.Lock()
@@ -75,6 +77,13 @@ class Subscription:
         self._hub.unsubscribe(self)
 
     # -- called by the hub's reader -----------------------------------------------
+    def _drain(self) -> None:
+        with self._lock:
+            if self.status != "ended":
+                self.status = "drained"
+        self._ready.set()
+        self._wakeup.set()
+
     def _mark(self, status: str) -> None:
         self.status = status
         self._ready.set()
@@ -148,6 +157,7 @@ class StreamHub:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._draining = False
         self._last_reap = time.monotonic()
 
     # -- public API ---------------------------------------------------------------
@@ -176,6 +186,20 @@ class StreamHub:
     def stop(self) -> None:
         self._stopping = True
         self._wake()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def drain(self) -> None:
+        """End every open stream now, this process is stopping: its clients reconnect, with
+        their cursors, to a process that stays, instead of waiting for it to be killed."""
+        self._draining = True
+        with self._lock:
+            subs = [sub for w in self._watched.values() for sub in w.subs]
+            subs.extend(self._pending)
+        for sub in subs:
+            sub._drain()
 
     @property
     def subscriber_count(self) -> int:

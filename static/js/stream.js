@@ -5,10 +5,22 @@
 // stream ended while we were away: HTTP 204; or the server refused: 4xx/5xx), we ask the
 // API where the generation stands, and either take its final text or resume from the last
 // event id we saw (?after=), so nothing is ever shown twice or missed.
+//
+// Three more ways a connection can fail us, each handled here:
+// - it stalls (open, no bytes: a phone between networks). The server sends a `ping` event
+//   every `interval` seconds; with no event for WATCHDOG_PINGS intervals we drop the
+//   connection, show "Reconnecting…" and reopen from the last cursor.
+// - the tab is hidden: it gives its connection back and re-attaches, from the cursor, when
+//   shown again.
+// - every stream slot of the browser is taken (slots.js): it polls the API meanwhile.
 
 import { api, FINAL_STATUSES } from "./api.js";
+import { takeSlot } from "./slots.js";
 
 const MAX_BACKOFF_MS = 10000;
+const POLL_MS = 1000;
+const DEFAULT_PING_S = 15; // until the stream's first ping says otherwise
+const WATCHDOG_PINGS = 2.5;
 
 export class GenerationStream {
   /**
@@ -21,24 +33,40 @@ export class GenerationStream {
     this.text = "";
     this.lastId = null;
     this.source = null;
+    this.release = null; // gives back this tab's stream slot
     this.closed = false;
     this.reconnecting = false;
     this.attempts = 0;
     this.timer = 0;
+    this.watchdog = 0;
+    this.watchdogMs = DEFAULT_PING_S * WATCHDOG_PINGS * 1000;
     this.onOnline = () => { if (this.timer) this.retryNow(); };
+    this.onVisibility = () => (document.hidden ? this.park() : this.retryNow());
     window.addEventListener("online", this.onOnline);
+    document.addEventListener("visibilitychange", this.onVisibility);
     this.open();
   }
 
-  open() {
-    if (this.closed) return;
+  async open() {
+    if (this.closed || document.hidden || this.source) return;
+    if (!this.release) this.release = await takeSlot();
+    if (this.closed || document.hidden || this.source) return this.giveBackSlot();
+    if (!this.release) return this.poll();
     const source = new EventSource(api.eventsUrl(this.gid, this.lastId));
     this.source = source;
+    this.armWatchdog();
     source.addEventListener("open", () => {
       this.attempts = 0;
+      this.armWatchdog();
       this.setReconnecting(false);
     });
+    source.addEventListener("ping", (event) => {
+      const interval = Number(JSON.parse(event.data).interval);
+      if (interval > 0) this.watchdogMs = interval * WATCHDOG_PINGS * 1000;
+      this.armWatchdog();
+    });
     source.addEventListener("delta", (event) => {
+      this.armWatchdog();
       this.lastId = event.lastEventId || this.lastId;
       this.setReconnecting(false);
       this.text += JSON.parse(event.data).text;
@@ -55,8 +83,9 @@ export class GenerationStream {
         this.handlers.onError(JSON.parse(event.data));
       } else if (source.readyState === EventSource.CONNECTING) {
         this.setReconnecting(true); // EventSource retries by itself, with Last-Event-ID
+        this.armWatchdog(); // and may hang doing so
       } else {
-        source.close();
+        this.dropSource();
         this.recover();
       }
     });
@@ -66,34 +95,73 @@ export class GenerationStream {
   async recover() {
     if (this.closed) return;
     this.setReconnecting(true);
-    let state = null;
+    const state = await this.fetchState();
+    if (this.closed || state === undefined) return;
+    if (state && this.settle(state)) return;
+    const delay = Math.min(MAX_BACKOFF_MS, 1000 * 2 ** this.attempts);
+    this.attempts += 1;
+    this.schedule(delay);
+  }
+
+  /** No stream slot free: follow the answer through the API until one is. */
+  async poll() {
+    const state = await this.fetchState();
+    if (this.closed || state === undefined) return;
+    if (state && this.settle(state)) return;
+    if (state) {
+      this.setReconnecting(false);
+      if (state.cursor && state.text !== this.text) {
+        this.text = state.text;
+        this.lastId = state.cursor; // the stream, once we hold one, goes on exactly here
+        this.handlers.onText(this.text);
+      }
+    }
+    this.schedule(POLL_MS);
+  }
+
+  /** The generation's state; null if unreachable; undefined if it is gone (404: ended). */
+  async fetchState() {
     try {
-      state = await api.generation(this.gid);
+      return await api.generation(this.gid);
     } catch (error) {
       if (error.status === 404 && !this.closed) {
         // Deleted (in another tab, say): there is nothing left to follow.
         this.finish();
         this.handlers.onError({ code: error.code, message: error.message });
-        return;
+        return undefined;
       }
-      state = null; // offline, or the server is restarting: try again shortly
+      return null; // offline, or the server is restarting: try again shortly
     }
-    if (this.closed) return;
-    if (state && FINAL_STATUSES.has(state.status)) {
-      this.finish();
-      if (state.text !== this.text) {
-        this.text = state.text || "";
-        this.handlers.onText(this.text);
-      }
-      if (state.status === "error") {
-        this.handlers.onError(state.error || { code: "error", message: "The answer failed." });
-      } else {
-        this.handlers.onDone({ finish_reason: state.finish_reason, usage: state.usage });
-      }
-      return;
+  }
+
+  /** If the answer has ended, show its final state and stop; true if it had. */
+  settle(state) {
+    if (!FINAL_STATUSES.has(state.status)) return false;
+    this.finish();
+    if (state.text !== this.text) {
+      this.text = state.text || "";
+      this.handlers.onText(this.text);
     }
-    const delay = Math.min(MAX_BACKOFF_MS, 1000 * 2 ** this.attempts);
-    this.attempts += 1;
+    if (state.status === "error") {
+      this.handlers.onError(state.error || { code: "error", message: "The answer failed." });
+    } else {
+      this.handlers.onDone({ finish_reason: state.finish_reason, usage: state.usage });
+    }
+    return true;
+  }
+
+  armWatchdog() {
+    clearTimeout(this.watchdog);
+    this.watchdog = setTimeout(() => {
+      // Nothing, not even a ping, for several intervals: the connection is dead.
+      this.dropSource();
+      this.setReconnecting(true);
+      this.retryNow();
+    }, this.watchdogMs);
+  }
+
+  schedule(delay) {
+    clearTimeout(this.timer);
     this.timer = setTimeout(() => this.retryNow(), delay);
   }
 
@@ -101,6 +169,25 @@ export class GenerationStream {
     clearTimeout(this.timer);
     this.timer = 0;
     this.open();
+  }
+
+  /** Hidden tab: give the connection and the slot back; retryNow() re-attaches. */
+  park() {
+    clearTimeout(this.timer);
+    this.timer = 0;
+    this.dropSource();
+    this.giveBackSlot();
+  }
+
+  dropSource() {
+    clearTimeout(this.watchdog);
+    if (this.source) this.source.close();
+    this.source = null;
+  }
+
+  giveBackSlot() {
+    if (this.release) this.release();
+    this.release = null;
   }
 
   setReconnecting(on) {
@@ -113,7 +200,9 @@ export class GenerationStream {
     this.closed = true;
     clearTimeout(this.timer);
     window.removeEventListener("online", this.onOnline);
-    if (this.source) this.source.close();
+    document.removeEventListener("visibilitychange", this.onVisibility);
+    this.dropSource();
+    this.giveBackSlot();
     if (this.reconnecting) {
       this.reconnecting = false;
       this.handlers.onConnection("live");

@@ -9,28 +9,46 @@ from flask import Blueprint, Response, current_app, request
 from tidechat import chat, db, models
 from tidechat.errors import ApiError
 from tidechat.identity import current_owner
-from tidechat.sse import PING, ServerSentEvent
-from tidechat.stream_bus import dumps, valid_cursor
+from tidechat.sse import ServerSentEvent, ping
+from tidechat.stream_bus import dumps, id_tuple, valid_cursor
 from tidechat.stream_hub import Subscription
 from tidechat.views.hub import get_hub
 
 bp = Blueprint("events", __name__, url_prefix="/api")
 
 SSE_HEADERS = {
-    "Cache-Control": "no-cache",
+    # no-transform: proxies and CDNs must neither compress nor buffer the stream
+    "Cache-Control": "no-cache, no-transform",
     "X-Accel-Buffering": "no",  # nginx and friends: do not buffer the stream
 }
+# Where real clients put the resume cursor, in order of precedence: EventSource sends the
+# header; event-source-polyfill sends ?lastEventId= (and never the header).
+CURSOR_PARAMS = ("after", "lastEventId")
+# Ids of an answer replayed from the database after its stream expired from Redis.
+_DB_TEXT_ID, _DB_END_ID = "0-1", "0-2"
+# When this process is shutting down: reconnect soon, to whichever process answers then.
+_DRAIN_RETRY_MS = 250
+
+
+def resume_cursor() -> str:
+    cursor = request.headers.get("Last-Event-ID")
+    for name in CURSOR_PARAMS:
+        cursor = cursor or request.args.get(name)
+    cursor = cursor or "0"
+    if not valid_cursor(cursor):
+        raise ApiError(400, "invalid_cursor", "The resume cursor is not an event id.")
+    return cursor
 
 
 @bp.get("/generations/<gid>/events")
 def generation_events(gid: str):
     s = db.session()
     msg = chat.owned_generation(s, current_owner(), gid)
-    cursor = request.headers.get("Last-Event-ID") or request.args.get("after") or "0"
-    if not valid_cursor(cursor):
-        raise ApiError(400, "invalid_cursor", "The resume cursor is not an event id.")
-
-    sub = get_hub().subscribe(gid, cursor)
+    cursor = resume_cursor()
+    hub = get_hub()
+    if hub.draining:
+        return _stream(iter(()), _DRAIN_RETRY_MS)
+    sub = hub.subscribe(gid, cursor)
     if not sub.wait_ready(30):
         sub.close()
         raise ApiError(503, "unavailable", "The event stream is unavailable; retry shortly.")
@@ -39,15 +57,17 @@ def generation_events(gid: str):
         return Response(status=204)  # EventSource stops reconnecting on 204
     if sub.status == "missing":
         sub.close()
-        if cursor != "0" or msg.status not in models.FINAL_STATUSES:
+        if msg.status not in models.FINAL_STATUSES or id_tuple(cursor) >= id_tuple(_DB_END_ID):
             return Response(status=204)
-        body = _from_database(msg)  # the stream expired: replay the stored answer
-    else:
-        body = _tail(sub, float(current_app.config["PING_INTERVAL"]))
+        return _stream(_from_database(msg, cursor))  # the stream expired: the stored answer
+    interval = float(current_app.config["PING_INTERVAL"])
+    return _stream(_tail(sub, interval), first=ping(interval))
 
-    retry = ServerSentEvent(retry=int(current_app.config["SSE_RETRY_MS"])).encode()
+
+def _stream(body: Iterator[bytes], retry_ms: int | None = None, first: bytes = b"") -> Response:
+    retry = retry_ms if retry_ms is not None else int(current_app.config["SSE_RETRY_MS"])
     return Response(
-        _prepend(retry, body),
+        _prepend(ServerSentEvent(retry=retry).encode() + first, body),
         mimetype="text/event-stream",
         headers=SSE_HEADERS,
         direct_passthrough=True,
@@ -60,27 +80,33 @@ def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def _tail(sub: Subscription, ping_interval: float) -> Iterator[bytes]:
+    keepalive = ping(ping_interval)
     try:
         while True:
             got = sub.get(ping_interval)
             if got is None:
-                yield PING
+                yield keepalive
                 continue
             wire, ended = got
             if wire:
                 yield wire
+            if sub.status == "drained":  # this process is stopping: come back elsewhere
+                yield ServerSentEvent(retry=_DRAIN_RETRY_MS).encode()
+                return
             if ended:
                 return
     finally:
         sub.close()
 
 
-def _from_database(msg: models.Message) -> Iterator[bytes]:
-    """Events for a finished answer whose stream has expired, from the stored message."""
-    if msg.content:
-        yield ServerSentEvent(id="0-1", event="delta", data=dumps({"text": msg.content})).encode()
+def _from_database(msg: models.Message, cursor: str) -> Iterator[bytes]:
+    """Events for a finished answer whose stream has expired, from the stored message,
+    after ``cursor`` (the caller answers 204 to a cursor at or past the end)."""
+    if msg.content and id_tuple(cursor) < id_tuple(_DB_TEXT_ID):
+        data = dumps({"text": msg.content})
+        yield ServerSentEvent(id=_DB_TEXT_ID, event="delta", data=data).encode()
     if msg.status == models.ERROR:
-        yield ServerSentEvent(id="0-2", event="error", data=dumps(msg.error)).encode()
+        yield ServerSentEvent(id=_DB_END_ID, event="error", data=dumps(msg.error)).encode()
     else:
         payload = {"finish_reason": msg.finish_reason, "usage": msg.usage}
-        yield ServerSentEvent(id="0-2", event="done", data=dumps(payload)).encode()
+        yield ServerSentEvent(id=_DB_END_ID, event="done", data=dumps(payload)).encode()

@@ -23,6 +23,12 @@ def get_hub() -> StreamHub:
     return hub
 
 
+def drain(app: Flask) -> None:
+    """Called at SIGTERM (gunicorn.conf.py): end this process's streams at once."""
+    with app.app_context():
+        get_hub().drain()
+
+
 def _make_hub(app: Flask) -> StreamHub:
     cfg = app.config
 
