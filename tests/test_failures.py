@@ -126,3 +126,23 @@ def test_worker_killed_mid_stream_ends_the_client_within_15s(
             assert message["content"].startswith("k0 k1 k2 ")
     finally:
         doomed.stop()
+
+
+@pytest.mark.parametrize(
+    ("chunk", "shown"),
+    [("\ud83c", "\ufffd"), ("nul\x00here", "nulhere")],
+    ids=["lone-surrogate", "nul"],
+)
+def test_invalid_model_text_is_cleaned_and_the_worker_goes_on(http, model_server, chunk, shown):
+    """A lone surrogate from the model killed the worker's stream writer: that answer and
+    every later one on the worker ended worker_lost with no text until a restart."""
+    model = model_server.script(chunks=["Hi ", chunk, " there"])
+    cid, gen = start(http, model)
+    events = read_events(http, gen["events_url"])
+    assert events[-1].event == "done", events[-1]
+    assert text(events) == f"Hi {shown} there"
+    stored = http.get(f"/api/conversations/{cid}").json()["messages"][-1]
+    assert stored["content"] == text(events)
+    after = model_server.script(chunks=["still ", "fine"])  # the same worker, next answer
+    _, gen = start(http, after)
+    assert text(read_events(http, gen["events_url"])) == "still fine"

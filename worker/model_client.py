@@ -111,9 +111,22 @@ def _chunk_events(chunk: object) -> Iterator[ModelEvent]:
         delta = choice.get("delta")
         content = delta.get("content") if isinstance(delta, dict) else None
         if isinstance(content, str) and content:
-            yield TextDelta(content)
+            content = clean_text(content)
+            if content:
+                yield TextDelta(content)
         if choice.get("finish_reason"):
             yield Finish(str(choice["finish_reason"]))
+
+
+def clean_text(text: str) -> str:
+    """The model's text as it can be stored and sent anywhere: a lone surrogate (JSON
+    allows ``"\\ud83c"``; UTF-8, orjson and PostgreSQL do not) becomes U+FFFD, and NUL,
+    which PostgreSQL text refuses, is dropped. Clean text comes back as it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text.replace("\x00", "") if "\x00" in text else text
 
 
 def classify(exc: BaseException, mid_stream: bool = False, backend: str = "") -> UpstreamError:

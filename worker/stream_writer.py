@@ -27,12 +27,13 @@ log = logging.getLogger(__name__)
 class Outbox:
     """One generation's deltas on their way to Redis."""
 
-    __slots__ = ("gid", "pending", "stopped", "idle")
+    __slots__ = ("gid", "pending", "stopped", "failed", "idle")
 
     def __init__(self, gid: str) -> None:
         self.gid = gid
         self.pending: list[str] = []
         self.stopped = False  # the generation was ended elsewhere (cancelled before, reaped)
+        self.failed = False  # its deltas could not be written: the generation fails
         self.idle = threading.Event()
         self.idle.set()
 
@@ -78,14 +79,31 @@ class StreamWriter:
                 texts = {gid: "".join(box.pending) for gid, box in batch.items()}
                 for box in batch.values():
                     box.pending = []
-            self._write(batch, texts)
+            try:
+                self._write(batch, texts)
+            except Exception:  # fail these generations, never the writer: every answer of
+                log.exception("stream writer: %d generations failed", len(batch))  # the
+                for box in batch.values():  # process goes through it
+                    self._fail(box)
+
+    def _fail(self, box: Outbox) -> None:
+        box.failed = box.stopped = True
+        with self._lock:
+            box.idle.set()
 
     def _write(self, batch: dict[str, Outbox], texts: dict[str, str]) -> None:
+        payloads = {}
+        for gid, text in texts.items():
+            try:
+                payloads[gid] = dumps({"text": text})
+            except Exception:  # one generation's bad text must not fail the others
+                log.exception("generation %s: its text cannot be encoded", gid)
+                self._fail(batch.pop(gid))
         while True:
             try:
                 with self.bus.redis.pipeline(transaction=False) as pipe:
-                    for gid, text in texts.items():
-                        self.bus.append(gid, [(DELTA, dumps({"text": text}))], pipe)
+                    for gid, payload in payloads.items():
+                        self.bus.append(gid, [(DELTA, payload)], pipe)
                     results = pipe.execute()
                 break
             except redis.RedisError:

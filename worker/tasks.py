@@ -122,7 +122,10 @@ class Generation:
             lease.lost.set()  # ended by someone else (the reaper): they record it
 
         text = "".join(parts)
-        if lease.lost.is_set():
+        if outbox.failed:
+            error = UpstreamError("internal_error", "This answer could not be stored.")
+            self._record(s, msg, text, ERROR, error.payload(), models.ERROR)
+        elif lease.lost.is_set():
             chat.reconcile(s, self.bus, msg)
         elif lease.cancelled.is_set() and finish is None:
             payload = {"finish_reason": "cancelled", "usage": usage}
