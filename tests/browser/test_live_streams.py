@@ -106,6 +106,19 @@ def proxy(web):
     proxy.close()
 
 
+def streaming_through(proxy, new_context, problems, model: str):
+    """A page, through the proxy, whose answer is streaming: (context, page, cid, answer)."""
+    context = new_context(base_url=proxy.url)
+    page = problems.watch(context.new_page())
+    cid = new_chat(context, model)
+    page.add_init_script(RECORD_ANSWER_TEXTS)
+    open_chat(page, cid, model)
+    send(page, "Keep going")
+    answer = last_answer(page)
+    expect(answer.locator(".markdown")).to_contain_text("w3")
+    return context, page, cid, answer
+
+
 @pytest.mark.parametrize("offline_until", ["mid-stream", "after-the-end"])
 def test_dropped_connection_shows_reconnecting_then_recovers_exactly(
     new_context, problems, proxy, web, model_server, offline_until, output_dir
@@ -115,14 +128,7 @@ def test_dropped_connection_shows_reconnecting_then_recovers_exactly(
     chunks = words(40) if offline_until == "mid-stream" else words(12)
     full = "".join(chunks)
     model = model_server.script(chunks=chunks, delay=0.1)
-    context = new_context(base_url=proxy.url)
-    page = problems.watch(context.new_page())
-    cid = new_chat(context, model)
-    page.add_init_script(RECORD_ANSWER_TEXTS)
-    open_chat(page, cid, model)
-    send(page, "Keep going")
-    answer = last_answer(page)
-    expect(answer.locator(".markdown")).to_contain_text("w3")
+    context, page, cid, answer = streaming_through(proxy, new_context, problems, model)
 
     proxy.block()
     proxy.drop()
@@ -147,3 +153,26 @@ def test_dropped_connection_shows_reconnecting_then_recovers_exactly(
     events = proxy.requests_to("/events")
     assert len(events) >= 2
     assert "last-event-id:" in events[-1].lower()
+
+
+def test_stalled_connection_shows_reconnecting_and_resumes_exactly(
+    new_context, problems, proxy, web, model_server
+):
+    """A phone between networks: the connection stays open and no byte comes. EventSource
+    itself would wait forever; the page's watchdog (no event, not even a ping, for 2.5
+    ping intervals: 2.5 s here) reopens it from the last cursor."""
+    chunks = words(40)
+    full = "".join(chunks)
+    model = model_server.script(chunks=chunks, delay=0.1)
+    context, page, cid, answer = streaming_through(proxy, new_context, problems, model)
+    events_before = len(proxy.requests_to("/events"))
+
+    proxy.stall()
+    expect(answer.locator(".notice")).to_have_text("Reconnecting…")
+    assert len(proxy.requests_to("/events")) == events_before  # nothing went through yet
+    proxy.unstall()
+    expect_answer(answer, full)
+    assert_no_duplicates(page, full)
+    reopened = proxy.requests_to("/events")[events_before:]
+    assert reopened and all("after=" in head.split("\r\n", 1)[0] for head in reopened)
+    assert wait_final(context, cid, base=web.url)["messages"][-1]["content"] == full
