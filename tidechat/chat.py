@@ -122,6 +122,13 @@ def queue_answer(s: Session, conv: Conversation, model: str) -> Message:
     return assistant
 
 
+def fail_unqueued(s: Session, msg: Message, error: Exception) -> None:
+    """End an answer that could not be queued, with the error the client is given."""
+    msg.status = models.ERROR
+    msg.error = {"code": getattr(error, "code", "unavailable"), "message": str(error)}
+    s.commit()
+
+
 def last_user_message(conv: Conversation) -> Message | None:
     for msg in reversed(conv.messages):
         if msg.role == "user":

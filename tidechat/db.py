@@ -20,7 +20,11 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # connect_timeout: a database that blackholes must fail a request (503), not hang it
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=10,
+        connect_args={"connect_timeout": 5},
+    )  # fmt: skip
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -2,8 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+
+import kombu.exceptions
+import redis
+import sqlalchemy.exc
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+# Redis (streams, the task queue) or the database cannot be reached right now.
+REDIS_DOWN = (redis.RedisError, kombu.exceptions.OperationalError)
+DATABASE_DOWN = (
+    sqlalchemy.exc.OperationalError,  # refused, lost, timed out, locked
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,  # no pooled connection came free
+)
+RETRY_AFTER_S = 5
 
 
 class ApiError(Exception):
@@ -30,10 +46,32 @@ _HTTP_CODES = {
 }
 
 
+def unavailable(what: str) -> ApiError:
+    return ApiError(
+        503, "unavailable", f"The service cannot reach its {what} right now; try again shortly."
+    )
+
+
 def register(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
-        return jsonify(error_body(exc.code, exc.message)), exc.status
+        response = jsonify(error_body(exc.code, exc.message))
+        if exc.status == 503:
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response, exc.status
+
+    def _redis_down(exc: Exception):
+        log.warning("%s %s: Redis unavailable: %s", request.method, request.path, exc)
+        return _api_error(unavailable("Redis"))
+
+    def _database_down(exc: Exception):
+        log.warning("%s %s: database unavailable: %s", request.method, request.path, exc)
+        return _api_error(unavailable("database"))
+
+    for exc_class in REDIS_DOWN:
+        app.register_error_handler(exc_class, _redis_down)
+    for exc_class in DATABASE_DOWN:
+        app.register_error_handler(exc_class, _database_down)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

@@ -7,7 +7,7 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request, url_for
 
 from tidechat import chat, db, models
-from tidechat.errors import ApiError
+from tidechat.errors import REDIS_DOWN, ApiError, unavailable
 from tidechat.identity import current_owner
 from tidechat.model_catalog import model_catalog
 from tidechat.models import Conversation
@@ -167,9 +167,18 @@ def resolve_model(conv: Conversation, requested: str | None) -> str:
 def launch(user: models.Message, assistant: models.Message, stream: bool):
     """Enqueue the assistant message's generation; answer 202, or 200 once done."""
     gid = assistant.generation_id
-    bus().create(gid)
-    sub = None if stream else get_hub().subscribe(gid)  # before enqueue: miss nothing
-    enqueue_generation(current_app, gid)
+    sub = None
+    try:
+        bus().create(gid)
+        sub = None if stream else get_hub().subscribe(gid)  # before enqueue: miss nothing
+        enqueue_generation(current_app, gid)
+    except REDIS_DOWN:
+        # Not queued: end the answer now, so the chat is not left waiting for it forever
+        # (the page offers Retry), and tell the client to try again.
+        if sub is not None:
+            sub.close()
+        chat.fail_unqueued(db.session(), assistant, unavailable("Redis"))
+        raise
     if sub is not None:
         return finish_non_streaming(sub, assistant)
     return jsonify(

