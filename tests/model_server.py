@@ -36,6 +36,7 @@ class Script:
     error_event: dict[str, Any] | None = None  # sent as data: {"error": ...} after the chunks
     cut: bool = False  # after the chunks, drop the connection mid-body
     hang: float = 0.0  # after the chunks, stay silent this long before finishing
+    keepalive: float = 0.0  # while hanging, send an SSE ": keep-alive" comment this often
 
 
 @dataclass
@@ -163,7 +164,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._wait(script.delay, record)
             self._send_raw(fmt.encode({"content": text}))
             record.chunks_sent += 1
-        self._wait(script.hang, record)
+        self._hang(script, record)
         if script.error_event is not None:
             self._send_raw(fmt.event({"error": script.error_event}))
             self._end_body()
@@ -179,6 +180,16 @@ class _Handler(BaseHTTPRequestHandler):
         if script.finish_reason is not None:
             self._send_raw(b"data: [DONE]\n\n")
         self._end_body()
+
+    def _hang(self, script: Script, record: Record) -> None:
+        """Silence, or only keep-alive comments (bytes, but never a token)."""
+        if not script.keepalive:
+            self._wait(script.hang, record)
+            return
+        deadline = time.monotonic() + script.hang
+        while time.monotonic() < deadline:
+            self._wait(min(script.keepalive, deadline - time.monotonic()), record)
+            self._send_raw(b": keep-alive\n\n")
 
     def _send_raw(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))

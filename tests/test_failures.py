@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -146,3 +147,58 @@ def test_invalid_model_text_is_cleaned_and_the_worker_goes_on(http, model_server
     after = model_server.script(chunks=["still ", "fine"])  # the same worker, next answer
     _, gen = start(http, after)
     assert text(read_events(http, gen["events_url"])) == "still fine"
+
+
+@pytest.fixture
+def deadline_worker(make_app, process_env, workdir):
+    """A worker (on a queue of its own) with short deadlines, and an app that feeds it."""
+    queue = process_env["TIDECHAT_CELERY_QUEUE"] + "-deadlines"
+    short = {"TIDECHAT_CELERY_QUEUE": queue, "TIDECHAT_ANSWER_DEADLINE": "4",
+             "TIDECHAT_TOKEN_DEADLINE": "2"}  # fmt: skip
+    proc = start_worker({**process_env, **short}, workdir, name="worker-deadlines")
+    try:
+        yield make_app(TIDECHAT_CELERY_QUEUE=queue)
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize(
+    ("script", "said"),
+    [
+        # Keep-alive comments reset the HTTP read timeout, so nothing else ended this.
+        ({"chunks": ["Thinking"], "hang": 30, "keepalive": 0.5}, "sent no text for 2 s"),
+        ({"chunks": [f"t{i} " for i in range(40)], "delay": 0.25}, "took longer than 4 s"),
+    ],
+    ids=["keepalives-but-no-token", "answer-too-long"],
+)
+def test_deadlines_end_the_answer_with_upstream_timeout(
+    deadline_worker, model_server, script, said
+):
+    model = model_server.script(**script)
+    with deadline_worker.test_client() as client:
+        cid = client.post("/api/conversations").get_json()["id"]
+        body = {"content": "hi", "model": model}
+        gen = client.post(f"/api/conversations/{cid}/messages", json=body).get_json()
+        events = read_events_from(client, gen["generation"]["events_url"])
+        assert events[-1][0] == "error"
+        assert events[-1][1]["code"] == "upstream_timeout"
+        assert said in events[-1][1]["message"]
+        streamed = "".join(data["text"] for kind, data in events if kind == "delta")
+        full = "".join(script["chunks"])
+        assert streamed and full.startswith(streamed)
+        assert (streamed == full) if "keepalive" in script else (streamed != full)
+        stored = client.get(f"/api/conversations/{cid}").get_json()["messages"][-1]
+        assert stored["content"] == streamed
+        assert stored["status"] == "error"
+    assert model_server.wait_for_hangup(model, timeout=5) is not None  # upstream hung up on
+
+
+def read_events_from(client, url: str) -> list[tuple[str, dict]]:
+    """(event, data) of a whole stream, read through a Flask test client."""
+    body = client.get(url).get_data(as_text=True)
+    out = []
+    for block in body.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if fields.get("event") in ("delta", "done", "error"):
+            out.append((fields["event"], json.loads(fields["data"])))
+    return out

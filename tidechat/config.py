@@ -28,6 +28,8 @@ DEFAULTS: dict[str, Any] = {
     "OPENAI_API_KEY": "",
     "OPENAI_BASE_URL": "",
     "OPENAI_TIMEOUT": 60.0,  # seconds without a byte from the model before giving up
+    "ANSWER_DEADLINE": 600.0,  # seconds an answer may take in all, then upstream_timeout
+    "TOKEN_DEADLINE": 120.0,  # seconds without a token (keep-alives don't count), likewise
     "OPENAI_MAX_RETRIES": 2,  # retries of the request itself (429/5xx/connect), never mid-stream
     "DEFAULT_MODEL": "gpt-4o-mini",
     "MAX_OUTPUT_TOKENS": 0,  # cap on an answer's tokens (0: the model server's own limit)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -21,22 +22,45 @@ from tidechat.stream_bus import StreamBus
 log = logging.getLogger(__name__)
 
 
-class Lease:
-    """One running generation, as its task sees it: stopped by a cancel or a lost lease.
+@dataclass(frozen=True)
+class Deadlines:
+    answer: float  # seconds for the whole answer
+    token: float  # seconds without a token: a model that sends only keep-alives is stuck
 
-    Either also closes the model stream, so a model that has gone quiet is hung up on at
+
+class Lease:
+    """One running generation, as its task sees it: stopped by a cancel, a lost lease or
+    a missed deadline.
+
+    Each also closes the model stream, so a model that has gone quiet is hung up on at
     once instead of at its next token.
     """
 
-    def __init__(self, gid: str) -> None:
+    def __init__(self, gid: str, deadlines: Deadlines | None = None) -> None:
         self.gid = gid
         self.cancelled = threading.Event()
         self.lost = threading.Event()
+        self.timed_out = threading.Event()
+        self.deadlines = deadlines
+        self.started = self.last_token = time.monotonic()
         self._stream: Any = None
 
     @property
     def interrupted(self) -> bool:
-        return self.cancelled.is_set() or self.lost.is_set()
+        return self.cancelled.is_set() or self.lost.is_set() or self.timed_out.is_set()
+
+    def token(self) -> None:
+        self.last_token = time.monotonic()
+
+    def overdue(self, now: float) -> str | None:
+        """Which deadline has passed, if one has."""
+        if self.deadlines is None:
+            return None
+        if now - self.started > self.deadlines.answer:
+            return f"The answer took longer than {self.deadlines.answer:g} s."
+        if now - self.last_token > self.deadlines.token:
+            return f"The model sent no text for {self.deadlines.token:g} s."
+        return None
 
     def attach(self, stream: Any) -> None:
         self._stream = stream
@@ -57,8 +81,16 @@ class Lease:
 
 
 class LeaseKeeper:
-    def __init__(self, redis_url: str, bus: StreamBus, lease_ttl: float, renew_every: float):
+    def __init__(
+        self,
+        redis_url: str,
+        bus: StreamBus,
+        lease_ttl: float,
+        renew_every: float,
+        deadlines: Deadlines | None = None,
+    ) -> None:
         self.bus = bus
+        self.deadlines = deadlines
         self.lease_ms = int(lease_ttl * 1000)
         self.renew_every = renew_every
         self._pubsub_client = redis.Redis.from_url(redis_url, socket_timeout=None)
@@ -67,7 +99,7 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
 
     def hold(self, gid: str) -> Lease:
-        lease = Lease(gid)
+        lease = Lease(gid, self.deadlines)
         with self._lock:
             self._leases[gid] = lease
             if self._thread is None:
@@ -114,6 +146,10 @@ class LeaseKeeper:
             leases = list(self._leases.values())
         if not leases:
             return
+        now = time.monotonic()
+        for lease in leases:  # before Redis: a deadline holds while Redis is down too
+            if lease.overdue(now):
+                lease.interrupt(lease.timed_out)
         for lease, (held, cancel) in zip(
             leases, self.bus.renew_and_check([le.gid for le in leases], self.lease_ms), strict=True
         ):

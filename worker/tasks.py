@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ from flask import Flask, current_app
 from tidechat import chat, db, models
 from tidechat.stream_bus import DONE, ERROR, StreamBus
 from worker import GENERATE_TASK, model_client
-from worker.lease_keeper import LeaseKeeper
+from worker.lease_keeper import Deadlines, LeaseKeeper
 from worker.model_client import Finish, TextDelta, UpstreamError, Usage
 from worker.stream_writer import Outbox, StreamWriter
 
@@ -41,8 +42,9 @@ def runtime_for(app: Flask) -> Runtime:
         runtime = _runtimes[id(app)] = Runtime(
             client=model_client.make_client(cfg),
             keeper=LeaseKeeper(
-                cfg["REDIS_URL"], bus, float(cfg["LEASE_TTL"]), float(cfg["LEASE_RENEW"])
-            ),
+                cfg["REDIS_URL"], bus, float(cfg["LEASE_TTL"]), float(cfg["LEASE_RENEW"]),
+                Deadlines(float(cfg["ANSWER_DEADLINE"]), float(cfg["TOKEN_DEADLINE"])),
+            ),  # fmt: skip
             writer=StreamWriter(bus, float(cfg["STREAM_COALESCE_MS"])),
         )
     return runtime
@@ -107,6 +109,7 @@ class Generation:
                     if lease.interrupted:
                         break
                     if isinstance(event, TextDelta):
+                        lease.token()
                         if not runtime.writer.put(outbox, event.text):
                             break
                         parts.append(event.text)
@@ -117,6 +120,7 @@ class Generation:
         except UpstreamError as exc:
             error = exc
         finally:
+            overdue = lease.overdue(time.monotonic()) if lease.timed_out.is_set() else None
             runtime.keeper.release(lease)
         if not runtime.writer.drain(outbox):
             lease.lost.set()  # ended by someone else (the reaper): they record it
@@ -127,6 +131,9 @@ class Generation:
             self._record(s, msg, text, ERROR, error.payload(), models.ERROR)
         elif lease.lost.is_set():
             chat.reconcile(s, self.bus, msg)
+        elif overdue is not None and finish is None:
+            error = UpstreamError("upstream_timeout", overdue)
+            self._record(s, msg, text, ERROR, error.payload(), models.ERROR)
         elif lease.cancelled.is_set() and finish is None:
             payload = {"finish_reason": "cancelled", "usage": usage}
             self._record(s, msg, text, DONE, payload, models.CANCELLED)
