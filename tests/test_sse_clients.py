@@ -251,15 +251,23 @@ def assert_resumed_with_cursor(
     return first
 
 
-# -- (a) the network drops mid-answer ---------------------------------------------------------
-@pytest.mark.parametrize("name", CLIENTS)
-def test_dropped_network_mid_answer_resumes_exactly(name, make_client, follows, lb, model_server):
-    model = model_server.script(chunks=ANSWER, delay=0.04)
+def attached_mid_answer(name, make_client, follows, lb, model):
+    """A client 8 deltas into ``model``'s answer: (client, cid, gen, run, its backend)."""
     client = make_client(name)
     cid, gen = client.start(model)
     run = follow(follows, client, gen["events_url"])
     run.wait_until(lambda rs: deltas(rs) >= 8, 20, "no 8 deltas")
 
+    attached = lb.proxy.backend_of(gen["events_url"])
+    assert attached is not None, "the client's stream is not open through the proxy"
+    return client, cid, gen, run, attached
+
+
+# -- (a) the network drops mid-answer ---------------------------------------------------------
+@pytest.mark.parametrize("name", CLIENTS)
+def test_dropped_network_mid_answer_resumes_exactly(name, make_client, follows, lb, model_server):
+    model = model_server.script(chunks=ANSWER, delay=0.04)
+    client, cid, gen, run, _ = attached_mid_answer(name, make_client, follows, lb, model)
     cut_at = time.time()
     lb.proxy.drop()
     records = run.wait_ended()
@@ -297,25 +305,11 @@ def test_keepalive_between_events_does_not_move_the_cursor(
     assert_resumed_with_cursor(client, records, lb.proxy.exchanges_to(gen["events_url"]), cut_at)
 
 
-def attached_mid_answer(name, make_client, follows, lb, model_server):
-    """A client 8 deltas into an answer: (client, cid, gen, run, index of its backend)."""
-    model = model_server.script(chunks=ANSWER, delay=0.04)
-    client = make_client(name)
-    cid, gen = client.start(model)
-    run = follow(follows, client, gen["events_url"])
-    run.wait_until(lambda rs: deltas(rs) >= 8, 20, "no 8 deltas")
-
-    attached = lb.proxy.backend_of(gen["events_url"])
-    assert attached is not None, "the client's stream is not open through the proxy"
-    return client, cid, gen, run, attached
-
-
 # -- (b) the web process the client is attached to is SIGKILLed ----------------------------
 @pytest.mark.parametrize("name", CLIENTS)
 def test_killed_web_process_resumes_on_the_other(name, make_client, follows, lb, model_server):
-    client, cid, gen, run, attached = attached_mid_answer(
-        name, make_client, follows, lb, model_server
-    )
+    model = model_server.script(chunks=ANSWER, delay=0.04)
+    client, cid, gen, run, attached = attached_mid_answer(name, make_client, follows, lb, model)
     cut_at = time.time()
     os.killpg(lb.procs[attached].popen.pid, signal.SIGKILL)
     records = run.wait_ended()
@@ -332,9 +326,8 @@ def test_killed_web_process_resumes_on_the_other(name, make_client, follows, lb,
 def test_sigterm_ends_streams_at_once_and_clients_resume_elsewhere(
     name, make_client, follows, lb, model_server
 ):
-    client, cid, gen, run, attached = attached_mid_answer(
-        name, make_client, follows, lb, model_server
-    )
+    model = model_server.script(chunks=ANSWER, delay=0.04)
+    client, cid, gen, run, attached = attached_mid_answer(name, make_client, follows, lb, model)
     doomed = lb.procs[attached]
     term_at = time.time()
     os.kill(doomed.popen.pid, signal.SIGTERM)  # gunicorn's master: graceful shutdown

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tidechat import models
-from tidechat.errors import not_found
+from tidechat.errors import ApiError, not_found
 from tidechat.models import Conversation, Message, new_id, utcnow
 from tidechat.stream_bus import DELTA, DONE, WORKER_LOST, Entry, StreamBus
 
@@ -122,10 +122,10 @@ def queue_answer(s: Session, conv: Conversation, model: str) -> Message:
     return assistant
 
 
-def fail_unqueued(s: Session, msg: Message, error: Exception) -> None:
+def fail_unqueued(s: Session, msg: Message, error: ApiError) -> None:
     """End an answer that could not be queued, with the error the client is given."""
     msg.status = models.ERROR
-    msg.error = {"code": getattr(error, "code", "unavailable"), "message": str(error)}
+    msg.error = {"code": error.code, "message": error.message}
     s.commit()
 
 

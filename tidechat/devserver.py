@@ -26,7 +26,7 @@ from pathlib import Path
 
 from honcho.environ import parse as parse_env
 
-from tidechat.config import INSTANCE_DIR, ROOT
+from tidechat.config import DEFAULTS, INSTANCE_DIR, ROOT
 from tidechat.embedded import (
     LOCAL_BACKEND_LABEL,
     LOCAL_MODEL,
@@ -88,14 +88,14 @@ def without_password(url: str) -> str:
 
 
 def banner(port: int, env: dict[str, str], processes: list[str]) -> str:
-    model = env.get("TIDECHAT_DEFAULT_MODEL") or "gpt-4o-mini"
+    model = env.get("TIDECHAT_DEFAULT_MODEL") or DEFAULTS["DEFAULT_MODEL"]
     backend = env.get("TIDECHAT_BACKEND_LABEL") or env.get("OPENAI_BASE_URL") or "api.openai.com"
     redis_at = (
         f"embedded, data in {INSTANCE_DIR / 'redis'}"
         if "redis" in processes
         else without_password(env["REDIS_URL"])
     )
-    database = without_password(env.get("DATABASE_URL") or f"sqlite:///{INSTANCE_DIR}/tidechat.db")
+    database = without_password(env.get("DATABASE_URL") or DEFAULTS["DATABASE_URL"])
     return "\n".join([
         "",
         f"  Tidechat is running: http://127.0.0.1:{port}/",
