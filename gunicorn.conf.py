@@ -40,3 +40,7 @@ def post_worker_init(worker) -> None:
         gevent.spawn(drain, worker.wsgi)
 
     signal.signal(signal.SIGTERM, handle_exit)
+
+    from tidechat import sweeper
+
+    sweeper.start(worker.wsgi)  # every process offers to sweep; one at a time does

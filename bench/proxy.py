@@ -62,7 +62,7 @@ def relay(client: openai.OpenAI, model: str) -> Iterator[bytes]:
     yield RETRY
     messages = [{"role": "user", "content": "Hi"}]
     finish = None
-    with model_client.open_stream(client, model, messages) as upstream:
+    with model_client.open_stream(client, model_client.Request(model, messages)) as upstream:
         for event in model_client.events(upstream):
             if isinstance(event, model_client.TextDelta):
                 data = dumps({"text": event.text})

@@ -5,6 +5,11 @@ It speaks the chat-completions streaming wire format byte for byte (chunked HTTP
 unique model name; requests for that model play the script: chunks with delays, an HTTP
 429/500, an ``{"error": ...}`` event mid-stream, a cut connection, or silence. The server
 records every request and when the client hung up, so tests can see the upstream side.
+
+It continues a partial answer the way real servers do, deterministically: a raw
+``/v1/completions`` request whose prompt ends with a ChatML assistant turn holding a prefix
+of the script's text (llama.cpp), or a chat request with ``continue_final_message``
+(vLLM) or a trailing "continue" instruction, plays the rest of the script after the prefix.
 """
 
 from __future__ import annotations
@@ -49,6 +54,43 @@ class Record:
 
 class _Hangup(Exception):
     pass
+
+
+class CompletionFormat(ChunkFormat):
+    """``text_completion`` chunks: what /v1/completions streams."""
+
+    def encode(self, delta: dict, finish: str | None = None) -> bytes:
+        choice = {"index": 0, "text": delta.get("content", ""), "finish_reason": finish}
+        return self.event({**self.head, "object": "text_completion", "choices": [choice]})
+
+
+CHATML_ASSISTANT = "<|im_start|>assistant\n"
+
+
+def partial_answer(body: dict[str, Any]) -> str:
+    """The answer so far that a request asks to continue ("" for a new answer)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) and CHATML_ASSISTANT in prompt:
+        return prompt.rsplit(CHATML_ASSISTANT, 1)[1]
+    messages = body.get("messages") or []
+    if body.get("continue_final_message") and messages[-1:][0].get("role") == "assistant":
+        return messages[-1]["content"]
+    asked = messages[-1:] and str(messages[-1].get("content")).startswith("Continue your")
+    if asked and len(messages) >= 2 and messages[-2].get("role") == "assistant":
+        return messages[-2]["content"]
+    return ""
+
+
+def rest_of(chunks: list[str], prefix: str) -> list[str]:
+    """The chunks that follow ``prefix`` of their text (all of them if it is not one)."""
+    if not prefix or not "".join(chunks).startswith(prefix):
+        return chunks
+    out, seen = [], 0
+    for chunk in chunks:
+        if seen + len(chunk) > len(prefix):
+            out.append(chunk[max(0, len(prefix) - seen) :])
+        seen += len(chunk)
+    return out
 
 
 class ModelServer:
@@ -144,22 +186,22 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(script.status, {"error": {"message": message, "type": "x"}}, headers)
             return
         try:
-            self._stream(script, record, model)
+            self._stream(script, record, model, self.path.rstrip("/") == "/v1/completions")
         except (_Hangup, BrokenPipeError, ConnectionResetError):
             record.hung_up = record.hung_up or time.monotonic()
         self.close_connection = True
 
     # -- streaming ------------------------------------------------------------------
-    def _stream(self, script: Script, record: Record, model: str) -> None:
+    def _stream(self, script: Script, record: Record, model: str, raw: bool) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Connection", "close")
         self.end_headers()
-        fmt = ChunkFormat(model, f"chatcmpl-{uuid.uuid4().hex[:20]}")
+        fmt = (CompletionFormat if raw else ChunkFormat)(model, f"cmpl-{uuid.uuid4().hex[:20]}")
         self._wait(script.first_delay, record)
         self._send_raw(fmt.encode({"role": "assistant", "content": ""}))
-        for i, text in enumerate(script.chunks):
+        for i, text in enumerate(rest_of(script.chunks, partial_answer(record.body))):
             if i:
                 self._wait(script.delay, record)
             self._send_raw(fmt.encode({"content": text}))

@@ -171,6 +171,35 @@ def test_real_model_stop(local_http):
     assert stored["content"] == text(head + rest)
 
 
+def test_real_model_continues_a_partial_answer_where_it_stopped(local_app):
+    """What a worker that takes over a deploy's handed-on answer sends: a raw completion
+    over the ChatML prompt plus the partial answer; llama.cpp goes on from there."""
+    from worker import model_client
+
+    port = next(
+        p.environ()["EMBEDDED_MODEL_PORT"]
+        for p in local_app.descendants()
+        if "EMBEDDED_MODEL_PORT" in p.environ()
+    )
+    config = {"OPENAI_API_KEY": "", "OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1",
+              "OPENAI_TIMEOUT": 60, "OPENAI_MAX_RETRIES": 0}  # fmt: skip
+    question = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]
+    request = model_client.Request(
+        LOCAL_MODEL, question, temperature=0, max_tokens=24,
+        prefix="1, 2, 3, 4, 5, 6, 7,", continuation="completion",
+    )  # fmt: skip
+    parts, finish = [], None
+    with model_client.open_stream(model_client.make_client(config), request) as stream:
+        for event in model_client.events(stream):
+            if isinstance(event, model_client.TextDelta):
+                parts.append(event.text)
+            elif isinstance(event, model_client.Finish):
+                finish = event.reason
+    rest = "".join(parts)
+    assert finish in ("stop", "length")
+    assert rest.lstrip().startswith("8"), rest  # on from 7, not from the start
+
+
 def test_embedded_redis_serves_web_and_worker(local_app):
     server = local_app.child_named("redis-server")
     (port,) = {c.laddr.port for c in server.net_connections("tcp") if c.status == "LISTEN"}

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
-from tidechat import models
+from tidechat import hygiene, models
 from tidechat.errors import ApiError, not_found
 from tidechat.models import Conversation, Message, new_id, utcnow
-from tidechat.stream_bus import DELTA, DONE, WORKER_LOST, Entry, StreamBus
+from tidechat.stream_bus import DELTA, DONE, ERROR, Entry, StreamBus
 
 TITLE_WORDS, TITLE_CHARS = 8, 80
 
@@ -60,6 +61,8 @@ def serialize_message(msg: Message) -> dict[str, Any]:
 
 
 def owned_conversation(s: Session, owner: str, cid: str) -> Conversation:
+    if not hygiene.is_id(cid):  # e.g. NUL, which PostgreSQL refuses even in a lookup
+        raise not_found("conversation")
     conv = s.get(Conversation, cid)
     if conv is None or conv.owner != owner:
         raise not_found("conversation")
@@ -67,6 +70,8 @@ def owned_conversation(s: Session, owner: str, cid: str) -> Conversation:
 
 
 def owned_generation(s: Session, owner: str, gid: str) -> Message:
+    if not hygiene.is_id(gid):
+        raise not_found("generation")
     msg = s.scalar(
         select(Message)
         .join(Conversation)
@@ -79,6 +84,32 @@ def owned_generation(s: Session, owner: str, gid: str) -> Message:
 
 def generation_message(s: Session, gid: str) -> Message | None:
     return s.scalar(select(Message).where(Message.generation_id == gid))
+
+
+def unfinished(s: Session, limit: int) -> list[Message]:
+    """Answers not yet final, oldest first (for the sweeper)."""
+    query = (
+        select(Message)
+        .where(Message.status.in_(models.UNFINISHED_STATUSES), Message.generation_id.is_not(None))
+        .order_by(Message.seq)
+        .limit(limit)
+    )
+    return list(s.scalars(query))
+
+
+def record_end(s: Session, msg: Message, text: str, status: str, payload: dict) -> None:
+    """Store how a generation ended, as one UPDATE and commit (safe to retry: it does not
+    depend on what the session has loaded, which a failed commit throws away)."""
+    values: dict[str, Any] = {"content": text, "status": status}
+    if status == models.ERROR:
+        values["error"] = payload
+    else:
+        values.update(finish_reason=payload.get("finish_reason"), usage=payload.get("usage"))
+    s.rollback()
+    s.execute(update(Message).where(Message.id == msg.id).values(**values))
+    s.commit()
+    for name, value in values.items():
+        set_committed_value(msg, name, value)
 
 
 def list_conversations(s: Session, owner: str) -> list[Conversation]:
@@ -156,34 +187,47 @@ def text_of(entries: list[Entry]) -> str:
 def apply_terminal(msg: Message, text: str, terminal: Entry) -> None:
     """Record a generation's end on its message, from its terminal stream entry."""
     payload = terminal.payload()
-    msg.content = text
+    # After Redis lost a stream, its fresh end carries the whole text (see ``lost_end``).
+    msg.content = payload.pop("text", text)
     if terminal.event == DONE:
         msg.finish_reason = payload.get("finish_reason")
         msg.usage = payload.get("usage")
-        msg.status = models.CANCELLED if msg.finish_reason == "cancelled" else models.DONE
+        msg.status = status_for(msg.finish_reason)
     else:
         msg.status, msg.error = models.ERROR, payload
+
+
+def terminal_of(msg: Message) -> tuple[str, dict[str, Any]]:
+    """A finished message's end as its stream's terminal event would say it."""
+    if msg.status == models.ERROR:
+        return ERROR, msg.error or {}
+    return DONE, {"finish_reason": msg.finish_reason, "usage": msg.usage}
+
+
+def status_for(finish_reason: str | None) -> str:
+    """A finished (``done``) generation's message status."""
+    if finish_reason in ("cancelled", models.INTERRUPTED):
+        return models.CANCELLED if finish_reason == "cancelled" else models.INTERRUPTED
+    return models.DONE
 
 
 def reconcile(s: Session, bus: StreamBus, msg: Message) -> None:
     """Bring a message the worker never finished up to date with its stream.
 
-    The worker records the end of every generation itself. This covers the one case it
-    cannot: the worker died, and a reader (the hub, or this call) ended the stream for it.
+    The worker records the end of every generation itself. This covers the cases it
+    cannot: it died (a reader or the sweeper reaped it), or the database was out of reach
+    when it finished. Reading never ends a generation: a worker may only be cut off from
+    Redis for a moment (see ``recovery``).
     """
     if msg.status in models.FINAL_STATUSES or msg.generation_id is None:
         return
-    gid = msg.generation_id
-    state = bus.meta(gid).get("state")
-    if state == "running":
-        bus.reap(gid, WORKER_LOST)
-        state = bus.meta(gid).get("state")
+    state = bus.meta(msg.generation_id).get("state")
     if state in _STATUS or state is None:
         if state is not None and msg.status != _STATUS[state]:
             msg.status = _STATUS[state]
             s.commit()
         return
-    entries = bus.entries(gid)
+    entries = bus.entries(msg.generation_id)
     if entries and entries[-1].terminal:
         apply_terminal(msg, text_of(entries), entries[-1])
         s.commit()

@@ -34,6 +34,10 @@ DEFAULTS: dict[str, Any] = {
     "DEFAULT_MODEL": "gpt-4o-mini",
     "MAX_OUTPUT_TOKENS": 0,  # cap on an answer's tokens (0: the model server's own limit)
     "BACKEND_LABEL": "",  # how the page names the model server (default: its host)
+    # How a partial answer is continued after a deploy handed it on (worker/model_client.py):
+    # "completion" (llama.cpp, ChatML models), "continue_final_message" (vLLM), or "none"
+    # (it ends "interrupted" and the page offers Continue).
+    "CONTINUATION": "none",
     # Flask / identity
     "SECRET_KEY": "",
     "MAX_CONTENT_LENGTH": 1024 * 1024,  # bytes of a request body
@@ -51,6 +55,13 @@ DEFAULTS: dict[str, Any] = {
     "HUB_BLOCK_MS": 5000,  # longest blocking XREAD of the per-process reader
     "HUB_READ_COUNT": 512,  # entries per stream per XREAD
     "REAP_INTERVAL": 2.0,  # seconds between checks for generations whose worker died
+    # Faults and deploys
+    "REDIS_RETRY_SECONDS": 30.0,  # how long a worker retries a Redis write before failing
+    "DB_RETRY_SECONDS": 60.0,  # ...and the database write of a finished answer
+    "START_RETRIES": 5,  # times a task that could not start (Redis/database down) is retried
+    "SWEEP_INTERVAL": 10.0,  # seconds between sweeps for answers nobody will finish
+    "QUEUE_TIMEOUT": 900.0,  # seconds an answer may wait for a worker, then queue_timeout
+    "DRAIN_SECONDS": 25.0,  # at SIGTERM, answers still running after this are handed on
     # Celery
     "CELERY_QUEUE": "tidechat",
     "NONSTREAM_TIMEOUT": 300.0,  # seconds a stream=false request waits for its answer
@@ -88,7 +99,7 @@ def finalize(config: dict[str, Any]) -> None:
         "task_ignore_result": True,
         "task_default_queue": config["CELERY_QUEUE"],
         # A generation is not retried on worker loss: its stream already holds text the
-        # user has seen, so a second run would double it (see README, "Worker death").
+        # user has seen, so a second run would double it (see README, "Faults and deploys").
         "task_acks_late": False,
         "worker_prefetch_multiplier": 1,
         # Cancel goes through Redis flags, not Celery's remote control: no pidbox to keep.

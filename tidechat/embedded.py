@@ -42,7 +42,7 @@ def redis_argv(port: int, data_dir: Path) -> list[str]:
         "--bind", "127.0.0.1",
         "--dir", str(data_dir),
         "--dbfilename", "dump.rdb",
-        "--save", "60 1",  # keep the data across restarts of a local run
+        "--save", "60", "1",  # keep the data across restarts (Redis 6 reads "60 1" as off)
         "--appendonly", "no",
         "--daemonize", "no",
         "--protected-mode", "yes",

@@ -12,7 +12,11 @@ from sqlalchemy.types import DateTime, TypeDecorator
 
 # Message status (the generation's state, once it has one).
 QUEUED, STREAMING, DONE, ERROR, CANCELLED = "queued", "streaming", "done", "error", "cancelled"
-FINAL_STATUSES = frozenset({DONE, ERROR, CANCELLED})
+# Stopped by a deploy on a backend that cannot continue a partial answer: the text so far
+# is kept, and the page offers Continue.
+INTERRUPTED = "interrupted"
+FINAL_STATUSES = frozenset({DONE, ERROR, CANCELLED, INTERRUPTED})
+UNFINISHED_STATUSES = (QUEUED, STREAMING)
 
 
 def new_id() -> str:
@@ -66,7 +70,7 @@ class Message(Base):
     )
     role: Mapped[str] = mapped_column(String(16))
     content: Mapped[str] = mapped_column(Text, default="")
-    status: Mapped[str] = mapped_column(String(16), default=DONE)
+    status: Mapped[str] = mapped_column(String(16), default=DONE, index=True)
     model: Mapped[str | None] = mapped_column(String(200), nullable=True)
     generation_id: Mapped[str | None] = mapped_column(String(32), unique=True, nullable=True)
     finish_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)

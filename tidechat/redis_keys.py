@@ -2,12 +2,17 @@
 
 Per generation ``<gid>``:
 - ``<p>gen:<gid>:stream``  the Redis Stream of events (delta, done, error);
-- ``<p>gen:<gid>:meta``    hash: ``state`` (queued|running|done|error|cancelled) and
-                           ``terminal_id`` (the stream id of the done/error entry);
-- ``<p>gen:<gid>:lease``   exists while a worker holds the generation (TTL, renewed);
+- ``<p>gen:<gid>:meta``    hash: ``state`` (queued|running|done|error|cancelled|interrupted),
+                           ``terminal_id`` (the stream id of the done/error entry),
+                           ``fence`` (claims so far: the running worker's fencing token),
+                           ``seq`` (the last delta batch appended, for exactly-once appends),
+                           ``queued_at``/``started_at`` (ms), ``handoffs``;
+- ``<p>gen:<gid>:lease``   the fence of the worker holding it (TTL, renewed);
 - ``<p>gen:<gid>:cancel``  set when the owner asks to stop.
 Channels:
 - ``<p>cancel``            pub/sub: a generation id, published when its owner asks to stop.
+Process-wide:
+- ``<p>sweeper``           the lock of the one process that sweeps at a time.
 Per web process ``<hub>``:
 - ``<p>hub:<hub>:wake``    a tiny stream the process writes to interrupt its own XREAD.
 Celery's broker keys live under ``<p>celery:`` (kombu's ``global_keyprefix``).
@@ -41,6 +46,9 @@ class RedisKeys:
 
     def cancel_channel(self) -> str:
         return f"{self.prefix}cancel"
+
+    def sweeper_lock(self) -> str:
+        return f"{self.prefix}sweeper"
 
     def hub_wake(self, hub_id: str) -> str:
         return f"{self.prefix}hub:{hub_id}:wake"

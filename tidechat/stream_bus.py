@@ -9,6 +9,7 @@ and nothing is appended after it. Readers see entries as ``(id, event, data)`` w
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,38 +27,91 @@ WORKER_LOST = {
     "code": "worker_lost",
     "message": "The worker generating this answer stopped unexpectedly. Please retry.",
 }
+def lost_end(text: str) -> dict[str, str]:
+    """The end of a stream Redis lost: it carries the whole answer so far, since clients
+    may have missed its last part with the entries Redis lost."""
+    return {**STATE_LOST, "text": text}
 
-_CURSOR = re.compile(r"^\d{1,20}-\d{1,20}$|^0$")
 
-# KEYS: meta, lease | ARGV: lease_ms, holder -> 1 if this caller now runs the generation.
+STATE_LOST = {
+    "code": "state_lost",
+    "message": "The server lost this answer's live state (its Redis restarted empty). "
+    "The text so far is kept; please retry.",
+}
+UNAVAILABLE = {
+    "code": "unavailable",
+    "message": "The server could not store this answer as it streamed (its Redis refused "
+    "writes). The text so far is kept; please retry.",
+}
+QUEUE_TIMEOUT = {
+    "code": "queue_timeout",
+    "message": "No worker started this answer in time. Please retry.",
+}
+
+_CURSOR = re.compile(r"[0-9]{1,20}-[0-9]{1,20}|0")  # ASCII digits only: use fullmatch
+
+# Append results that are not stream ids.
+STOPPED, GONE = "stopped", "gone"
+
+# On Redis 7+, every script that may end a generation is flagged allow-oom: when Redis is
+# full (maxmemory, noeviction) no delta can be appended, but the one terminal entry that
+# tells clients so still can be. Appends are not flagged: they are what must be refused.
+# (Redis 6 has no script flags: there the end waits until Redis has room again.)
+_ALLOW_OOM = "#!lua flags=allow-oom\n"
+
+# KEYS: meta, lease | ARGV: lease_ms, now_ms
+# -> {fence, last seq} if this caller now runs the generation, else false.
+# Each claim takes a new fence: a writer from an earlier claim (its worker stalled, then
+# the generation was handed on) can no longer append or end it.
 _CLAIM = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'running')
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[1])
-return 1
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return false end
+local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2])
+redis.call('SET', KEYS[2], fence, 'PX', ARGV[1])
+return {fence, tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')}
 """
 
-# KEYS: stream, meta | ARGV: event, data, event, data, ... -> last id, or false when the
-# generation is no longer running (cancelled before start, or reaped).
+# KEYS: stream, meta | ARGV: fence, seq, event, data, event, data, ...
+# -> the last id; the current last id if this seq was already appended (a retry after a
+# partial failure); "stopped" if the generation is no longer this writer's (cancelled
+# before it started, reaped, handed on); "gone" if Redis lost its state.
 _APPEND = """
-if redis.call('HGET', KEYS[2], 'state') ~= 'running' then return false end
+local meta = redis.call('HMGET', KEYS[2], 'state', 'fence', 'seq')
+if not meta[1] then return 'gone' end
+if meta[1] ~= 'running' or meta[2] ~= ARGV[1] then return 'stopped' end
+if tonumber(ARGV[2]) <= tonumber(meta[3] or '0') then
+  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  return last[1] and last[1][1] or '0-0'
+end
 local last = false
-for i = 1, #ARGV, 2 do
+for i = 3, #ARGV, 2 do
   last = redis.call('XADD', KEYS[1], '*', 'event', ARGV[i], 'data', ARGV[i + 1])
 end
+redis.call('HSET', KEYS[2], 'seq', ARGV[2])
 return last
 """
 
-# KEYS: stream, meta, lease, cancel | ARGV: event, data, final_state, ttl_s, mode
-# mode "running": the worker running it ends it;
-# mode "queued":  a cancel ends it before any worker started it;
-# mode "reap":    a reader ends it because its worker's lease expired (the worker died).
-_FINISH = """
+# KEYS: stream, meta, lease, cancel | ARGV: event, data, final_state, ttl_s, mode, fence
+# mode "running": the worker holding this fence ends it;
+# mode "queued":  it ends before any worker started it (cancel, queue timeout, give-up);
+# mode "reap":    its worker's lease is gone (the worker died): a reader or the sweeper;
+# mode "lost":    Redis lost its state (restart without persistence, flush, failover):
+#                 a fresh terminal entry, so open streams still end.
+# -> the terminal entry's id, false if another writer ended it first, "gone" (mode
+# "running") if its state is lost.
+_FINISH = _ALLOW_OOM + """
 local state = redis.call('HGET', KEYS[2], 'state')
 local mode = ARGV[5]
-if mode == 'reap' then
+if mode == 'lost' then
+  if state then return false end
+elseif not state then
+  if mode == 'running' then return 'gone' end
+  return false
+elseif mode == 'reap' then
   if state ~= 'running' or redis.call('EXISTS', KEYS[3]) == 1 then return false end
 elseif state ~= mode then
+  return false
+elseif mode == 'running' and redis.call('HGET', KEYS[2], 'fence') ~= ARGV[6] then
   return false
 end
 local id = redis.call('XADD', KEYS[1], '*', 'event', ARGV[1], 'data', ARGV[2])
@@ -66,6 +120,35 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('DEL', KEYS[3], KEYS[4])
 return id
+"""
+
+# KEYS: meta, lease | ARGV: fence, now_ms -> 1 if released: queued again, for another
+# worker to continue (a deploy: this worker is stopping), 0 if no longer this worker's.
+_RELEASE = _ALLOW_OOM + """
+local meta = redis.call('HMGET', KEYS[1], 'state', 'fence')
+if meta[1] ~= 'running' or meta[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'queued_at', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'handoffs', 1)
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+# KEYS: meta, lease, cancel | ARGV: fence, lease_ms -> {held, cancel requested}
+# held: 1 renewed, or taken again after Redis lost the key (an outage, a restart from
+# disk) while the generation is still this fence's; 0 no longer this worker's; -1 Redis
+# has lost the generation's state altogether.
+_RENEW = _ALLOW_OOM + """
+local cancel = redis.call('EXISTS', KEYS[3])
+local holder = redis.call('GET', KEYS[2])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  return {1, cancel}
+end
+local meta = redis.call('HMGET', KEYS[1], 'state', 'fence')
+if not meta[1] then return {-1, cancel} end
+if holder or meta[1] ~= 'running' or meta[2] ~= ARGV[1] then return {0, cancel} end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return {1, cancel}
 """
 
 
@@ -79,7 +162,7 @@ _MAX_ID_PART = 2**64 - 1  # Redis stream ids are two unsigned 64-bit numbers
 def valid_cursor(cursor: str) -> bool:
     """A stream id Redis accepts: checked by value too, since one out of range would make
     the hub's shared XREAD fail for every client of the process."""
-    return bool(_CURSOR.match(cursor)) and max(id_tuple(cursor)) <= _MAX_ID_PART
+    return bool(_CURSOR.fullmatch(cursor)) and max(id_tuple(cursor)) <= _MAX_ID_PART
 
 
 def id_tuple(stream_id: str) -> tuple[int, int]:
@@ -112,6 +195,32 @@ def parse_entry(entry_id: bytes | str, fields: dict) -> Entry:
     )
 
 
+class _OomScript:
+    """A script flagged allow-oom where the server knows script flags (Redis 7+)."""
+
+    _flags: dict[int, bool] = {}  # per connection pool: does its server take flags?
+
+    def __init__(self, client: redis.Redis, source: str) -> None:
+        self.client = client
+        self.flagged = client.register_script(source)
+        self.plain = client.register_script(source.removeprefix(_ALLOW_OOM))
+
+    def __call__(self, keys: list[str], args: list[Any], client: Any = None) -> Any:
+        pool = id(self.client.connection_pool)
+        takes_flags = self._flags.get(pool)
+        if takes_flags is None:
+            version = str(self.client.info("server").get("redis_version", "0"))
+            takes_flags = self._flags[pool] = int(version.split(".")[0]) >= 7
+        script = self.flagged if takes_flags else self.plain
+        return script(keys=keys, args=args, client=client)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    fence: int  # this run's fencing token: only it may append or end the generation
+    seq: int  # the last delta batch appended (by an earlier run, handed on): go on after it
+
+
 class StreamBus:
     """Reads and writes generations' streams through one redis-py client."""
 
@@ -121,7 +230,9 @@ class StreamBus:
         self.stream_ttl = int(stream_ttl)
         self._claim = client.register_script(_CLAIM)
         self._append = client.register_script(_APPEND)
-        self._finish = client.register_script(_FINISH)
+        self._finish = _OomScript(client, _FINISH)
+        self._release = _OomScript(client, _RELEASE)
+        self._renew = _OomScript(client, _RENEW)
 
     def k(self, gid: str) -> GenerationKeys:
         return self.keys.generation(gid)
@@ -131,58 +242,85 @@ class StreamBus:
         """A new generation, queued; its keys live until it finishes (then STREAM_TTL)."""
         k = self.k(gid)
         with self.redis.pipeline() as pipe:
-            pipe.hset(k.meta, mapping={"state": QUEUED})
+            pipe.hset(k.meta, mapping={"state": QUEUED, "queued_at": now_ms()})
             pipe.expire(k.meta, self.stream_ttl * 24)
             pipe.execute()
 
-    def claim(self, gid: str, holder: str, lease_ms: int) -> bool:
+    def claim(self, gid: str, lease_ms: int) -> Claim | None:
         k = self.k(gid)
-        return bool(self._claim(keys=[k.meta, k.lease], args=[lease_ms, holder]))
+        got = self._claim(keys=[k.meta, k.lease], args=[lease_ms, now_ms()])
+        return Claim(int(got[0]), int(got[1])) if got else None
 
-    def append(self, gid: str, events: list[tuple[str, str]], pipe: Any = None) -> str | None:
-        """Append events in one script call; None if the generation is no longer running.
+    def append(
+        self, gid: str, fence: int, seq: int, events: list[tuple[str, str]], pipe: Any = None
+    ) -> str | None:
+        """Append events as batch ``seq`` of this run, in one script call, at most once.
 
-        With ``pipe``, the call is queued there and its reply comes from ``pipe.execute()``.
+        Returns the last id, ``STOPPED`` or ``GONE`` (see ``_APPEND``). With ``pipe``, the
+        call is queued there and its reply comes from ``pipe.execute()``.
         """
         k = self.k(gid)
         flat = [part for pair in events for part in pair]
-        last = self._append(keys=[k.stream, k.meta], args=flat, client=pipe)
+        last = self._append(keys=[k.stream, k.meta], args=[fence, seq, *flat], client=pipe)
         return None if pipe is not None else _text(last)
 
-    def finish(self, gid: str, event: str, payload: dict, final_state: str) -> str | None:
-        """The worker writes the one terminal entry. None if another writer ended it first."""
-        return self._end(gid, event, payload, final_state, RUNNING)
+    def finish(
+        self, gid: str, event: str, payload: dict, final_state: str, fence: int
+    ) -> str | None:
+        """The worker holding ``fence`` writes the one terminal entry: its id, None if
+        another writer ended it first, or ``GONE`` if Redis lost its state."""
+        return self._end(gid, event, payload, final_state, RUNNING, fence)
 
     def cancel_queued(self, gid: str) -> str | None:
         """End a generation no worker has started yet. None if one already has."""
         payload = {"finish_reason": "cancelled", "usage": None}
         return self._end(gid, DONE, payload, "cancelled", QUEUED)
 
-    def reap(self, gid: str, payload: dict) -> str | None:
-        """End a running generation whose worker lease has expired (the worker died)."""
-        return self._end(gid, ERROR, payload, ERROR, "reap")
+    def fail_queued(self, gid: str, payload: dict) -> str | None:
+        """End a queued generation with an error (it could not be started)."""
+        return self._end(gid, ERROR, payload, ERROR, QUEUED)
 
-    def _end(self, gid: str, event: str, payload: dict, state: str, mode: str) -> str | None:
+    def reap(
+        self, gid: str, payload: dict, event: str = ERROR, final_state: str = ERROR
+    ) -> str | None:
+        """End a running generation whose worker lease has expired (the worker died)."""
+        return self._end(gid, event, payload, final_state, "reap")
+
+    def end_lost(self, gid: str, event: str, payload: dict, final_state: str) -> str | None:
+        """Redis lost this generation's state: write a fresh terminal entry, so that every
+        stream still open on it ends. None if its state exists after all."""
+        return self._end(gid, event, payload, final_state, "lost")
+
+    def _end(
+        self, gid: str, event: str, payload: dict, state: str, mode: str, fence: int = 0
+    ) -> str | None:
         k = self.k(gid)
         result = self._finish(
             keys=[k.stream, k.meta, k.lease, k.cancel],
-            args=[event, dumps(payload), state, self.stream_ttl, mode],
+            args=[event, dumps(payload), state, self.stream_ttl, mode, fence],
         )
-        return _text(result)
+        return _text(result) or None
+
+    def release(self, gid: str, fence: int) -> bool:
+        """Queue a running generation again for another worker to continue (a deploy)."""
+        k = self.k(gid)
+        return bool(self._release(keys=[k.meta, k.lease], args=[fence, now_ms()]))
 
     # -- lease and cancel ------------------------------------------------------------
-    def renew_and_check(self, gids: list[str], lease_ms: int) -> list[tuple[bool, bool]]:
-        """Renew these generations' leases in one round trip.
+    def renew_and_check(
+        self, held: list[tuple[str, int]], lease_ms: int
+    ) -> list[tuple[int, bool]]:
+        """Renew these (generation, fence) leases in one round trip, taking back any that
+        Redis lost while the generation is still ours.
 
-        Returns (lease still held, cancel requested) for each.
+        Returns (1 held / 0 not ours any more / -1 state lost, cancel requested) for each.
         """
         with self.redis.pipeline(transaction=False) as pipe:
-            for gid in gids:
+            for gid, fence in held:
                 k = self.k(gid)
-                pipe.pexpire(k.lease, lease_ms)
-                pipe.exists(k.cancel)
+                self._renew(keys=[k.meta, k.lease, k.cancel], args=[fence, lease_ms], client=pipe)
             replies = pipe.execute()
-        return [(bool(replies[i]), bool(replies[i + 1])) for i in range(0, len(replies), 2)]
+        return [(int(held_), bool(cancel)) for held_, cancel in replies]
 
     def request_cancel(self, gid: str) -> None:
         """Set the cancel flag, and tell the worker running it at once."""
@@ -196,10 +334,27 @@ class StreamBus:
         raw = self.redis.hgetall(self.k(gid).meta)
         return {_text(key): _text(value) for key, value in raw.items()}
 
+    def states(self, gids: list[str]) -> list[tuple[dict[str, str], bool]]:
+        """Each generation's meta hash and whether a worker's lease on it exists."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for gid in gids:
+                pipe.hgetall(self.k(gid).meta)
+                pipe.exists(self.k(gid).lease)
+            replies = pipe.execute()
+        out = []
+        for i in range(0, len(replies), 2):
+            meta = {_text(key): _text(value) for key, value in replies[i].items()}
+            out.append((meta, bool(replies[i + 1])))
+        return out
+
     def entries(self, gid: str, after: str = "0") -> list[Entry]:
         start = "-" if after == "0" else f"({after}"
         raw = self.redis.xrange(self.k(gid).stream, min=start)
         return [parse_entry(entry_id, fields) for entry_id, fields in raw]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _text(value: Any) -> Any:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from tidechat.recovery import Sightings
 from tidechat.redis_keys import RedisKeys
 from tidechat.sse import ServerSentEvent
 from tidechat.stream_bus import WORKER_LOST, Entry, StreamBus, id_tuple, parse_entry
@@ -127,7 +128,7 @@ class StreamHub:
         read_count: int = 512,
         lease_ttl: float = 6.0,
         reap_interval: float = 2.0,
-        on_reaped: Callable[[str], None] | None = None,
+        reap: Callable[[str], bool] | None = None,
     ) -> None:
         self.id = uuid.uuid4().hex
         name = f"tidechat-hub-{self.id[:8]}"
@@ -151,7 +152,11 @@ class StreamHub:
         self._read_count = read_count
         self._lease_ttl = lease_ttl
         self._reap_interval = reap_interval
-        self._on_reaped = on_reaped
+        self._reap = reap or (lambda gid: bool(self._bus.reap(gid, WORKER_LOST)))
+        # A lease may vanish while its worker lives (Redis restarted, paused): reap only
+        # when it is still gone a grace period later, with Redis reachable all along.
+        self._unleased = Sightings(2 * lease_ttl)
+        self._ok_since: float | None = time.monotonic()
         self._watched: dict[str, _Watched] = {}  # stream key -> state
         self._pending: list[Subscription] = []
         self._lock = threading.Lock()
@@ -230,11 +235,14 @@ class StreamHub:
             try:
                 self._admit_pending()
                 self._read_once()
+                self._ok_since = self._ok_since or time.monotonic()
                 self._reap_if_due()
             except redis.ConnectionError as exc:
+                self._ok_since = None
                 log.warning("stream hub lost Redis (%s); retrying", exc)
                 time.sleep(0.5)
             except redis.RedisError:
+                self._ok_since = None
                 log.exception("stream hub Redis command failed; retrying")
                 time.sleep(0.5)
             except Exception:  # never let the one reader die: every client depends on it
@@ -247,13 +255,18 @@ class StreamHub:
             pending, self._pending = self._pending, []
         if not pending:
             return
-        with self._reader.pipeline(transaction=False) as pipe:
-            for sub in pending:
-                keys = self._bus.k(sub.gid)
-                pipe.hget(keys.meta, "terminal_id")
-                pipe.exists(keys.meta)
-                pipe.xrevrange(keys.stream, count=1)
-            replies = pipe.execute()
+        try:
+            with self._reader.pipeline(transaction=False) as pipe:
+                for sub in pending:
+                    keys = self._bus.k(sub.gid)
+                    pipe.hget(keys.meta, "terminal_id")
+                    pipe.exists(keys.meta)
+                    pipe.xrevrange(keys.stream, count=1)
+                replies = pipe.execute()
+        except Exception:  # Redis is out of reach: admit them once it is back
+            with self._lock:
+                self._pending[:0] = pending
+            raise
         for i, sub in enumerate(pending):
             terminal_id, exists, last = replies[3 * i : 3 * i + 3]
             if not exists:
@@ -289,8 +302,11 @@ class StreamHub:
         block = self._block_ms
         if len(streams) > 1:
             block = min(block, int(self._reap_interval * 1000))
+        started = time.monotonic()
         reply = self._reader.xread(streams, count=self._read_count, block=block)
         now = time.monotonic()
+        if now - started > block / 1000 + 2:  # Redis stalled (paused, swapping): an outage
+            self._ok_since = now
         for raw_key, raw_entries in reply or []:
             key = raw_key.decode()
             if not raw_entries:
@@ -310,7 +326,7 @@ class StreamHub:
                 sub._deliver(frames)
 
     def _reap_if_due(self) -> None:
-        """End generations whose worker died: their lease expired while still running."""
+        """End generations whose worker died: quiet, and their lease gone for a while."""
         now = time.monotonic()
         if now - self._last_reap < self._reap_interval:
             return
@@ -321,9 +337,24 @@ class StreamHub:
                 for w in self._watched.values()
                 if w.subs and now - w.last_activity >= self._lease_ttl
             ]
-        for gid in quiet:
-            if self._bus.reap(gid, WORKER_LOST) and self._on_reaped is not None:
+        suspects = set()
+        if quiet:
+            with self._reader.pipeline(transaction=False) as pipe:
+                for gid in quiet:
+                    pipe.hget(self._bus.k(gid).meta, "state")
+                    pipe.exists(self._bus.k(gid).lease)
+                replies = pipe.execute()
+            suspects = {
+                gid
+                for i, gid in enumerate(quiet)
+                if replies[2 * i] == b"running" and not replies[2 * i + 1]
+            }
+        self._unleased.keep(suspects)
+        calm = self._ok_since is not None and now - self._ok_since >= self._unleased.grace
+        for gid in suspects:
+            if self._unleased.due(gid, now) and calm:
                 try:
-                    self._on_reaped(gid)
+                    if self._reap(gid):
+                        self._unleased.clear(gid)
                 except Exception:
-                    log.exception("could not record the lost generation %s", gid)
+                    log.exception("could not end the lost generation %s", gid)

@@ -1,7 +1,9 @@
 """Leases and cancels for every generation a worker process is running, in one place.
 
 A worker holds a lease (a Redis key with a TTL) on each generation it runs; readers end a
-generation whose lease expired with ``worker_lost``. One keeper per process renews all its
+generation whose lease stays gone with ``worker_lost``. A lease that Redis lost while the
+worker was cut off (an outage, a restart from disk) is taken back at the next renewal, as
+long as the generation is still this worker's (its fence). One keeper per process renews all its
 leases in a single pipelined round trip per ``LEASE_RENEW``, and hears cancels at once on a
 pub/sub channel. The cancel flag itself is re-read at each renewal, so a missed message
 costs at most one interval. Per generation that is one command a second, not a poll loop.
@@ -36,18 +38,23 @@ class Lease:
     once instead of at its next token.
     """
 
-    def __init__(self, gid: str, deadlines: Deadlines | None = None) -> None:
-        self.gid = gid
+    def __init__(self, gid: str, fence: int = 0, deadlines: Deadlines | None = None) -> None:
+        self.gid, self.fence = gid, fence
         self.cancelled = threading.Event()
-        self.lost = threading.Event()
+        self.lost = threading.Event()  # no longer ours: reaped, ended or taken by another
+        self.gone = threading.Event()  # Redis lost the generation's state altogether
         self.timed_out = threading.Event()
+        self.handed_off = threading.Event()  # this worker is stopping: pass the answer on
         self.deadlines = deadlines
         self.started = self.last_token = time.monotonic()
         self._stream: Any = None
 
     @property
     def interrupted(self) -> bool:
-        return self.cancelled.is_set() or self.lost.is_set() or self.timed_out.is_set()
+        return any(
+            e.is_set()
+            for e in (self.cancelled, self.lost, self.gone, self.timed_out, self.handed_off)
+        )
 
     def token(self) -> None:
         self.last_token = time.monotonic()
@@ -97,9 +104,10 @@ class LeaseKeeper:
         self._leases: dict[str, Lease] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._handoff_at: float | None = None
 
-    def hold(self, gid: str) -> Lease:
-        lease = Lease(gid, self.deadlines)
+    def hold(self, gid: str, fence: int) -> Lease:
+        lease = Lease(gid, fence, self.deadlines)
         with self._lock:
             self._leases[gid] = lease
             if self._thread is None:
@@ -111,10 +119,27 @@ class LeaseKeeper:
         with self._lock:
             self._leases.pop(lease.gid, None)
 
+    def hand_off_after(self, seconds: float) -> None:
+        """This worker is stopping: answers still running in ``seconds`` are passed on."""
+        self._handoff_at = time.monotonic() + seconds
+        log.warning("draining: answers still running in %g s will be handed on", seconds)
+
+    @property
+    def draining(self) -> bool:
+        return self._handoff_at is not None
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self._leases)
+
     def _run(self) -> None:
         while True:
             try:
                 self._serve()
+            except redis.ConnectionError as exc:
+                log.warning("lease keeper lost Redis (%s); retrying", exc)
+                time.sleep(0.5)
             except Exception:
                 log.exception("lease keeper failed; restarting")
                 time.sleep(0.5)
@@ -147,13 +172,18 @@ class LeaseKeeper:
         if not leases:
             return
         now = time.monotonic()
-        for lease in leases:  # before Redis: a deadline holds while Redis is down too
+        for lease in leases:  # before Redis: deadlines hold while Redis is down too
             if lease.overdue(now):
                 lease.interrupt(lease.timed_out)
-        for lease, (held, cancel) in zip(
-            leases, self.bus.renew_and_check([le.gid for le in leases], self.lease_ms), strict=True
+            if self._handoff_at is not None and now >= self._handoff_at:
+                lease.interrupt(lease.handed_off)
+        held = [(le.gid, le.fence) for le in leases]
+        for lease, (state, cancel) in zip(
+            leases, self.bus.renew_and_check(held, self.lease_ms), strict=True
         ):
             if cancel:
                 lease.interrupt(lease.cancelled)
-            if not held:
+            if state == 0:
                 lease.interrupt(lease.lost)
+            elif state < 0:
+                lease.interrupt(lease.gone)

@@ -49,13 +49,30 @@ def make_client(config: dict[str, Any]) -> openai.OpenAI:
     )
 
 
+# How a partial answer is continued, where a backend can (a deploy handed the answer on):
+# "completion": a raw completion over the chat-templated prompt plus the partial answer
+#               (llama.cpp's server, and any server with /v1/completions and a ChatML model);
+# "continue_final_message": vLLM's chat extension that continues the last assistant message;
+# "none": the backend has no way; a handed-on answer ends "interrupted" (the page offers
+#         Continue, which asks the model in plain words to go on).
+CONTINUATIONS = ("completion", "continue_final_message", "none")
+CONTINUE_PROMPT = (
+    "Continue your previous answer exactly where it stopped, without repeating anything."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    model: str
+    messages: list[dict[str, str]]
+    temperature: float | None = None
+    max_tokens: int = 0
+    prefix: str = ""  # the answer so far, to be continued
+    continuation: str = "none"
+
+
 def open_stream(
-    client: openai.OpenAI,
-    model: str,
-    messages: list[dict[str, str]],
-    temperature: float | None = None,
-    max_tokens: int = 0,
-    backend: str = "",
+    client: openai.OpenAI, req: Request, backend: str = ""
 ) -> openai.Stream[object]:
     """Start a streamed completion; use it as a context manager so it is always closed.
 
@@ -65,26 +82,48 @@ def open_stream(
     building that model costs about 100 µs per chunk, 13 times the rest of the read, and
     capped how many streams one worker process could carry (docs/benchmarks.md).
     """
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": messages,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    if temperature is not None:
-        body["temperature"] = temperature
-    if max_tokens:
-        body["max_tokens"] = max_tokens
+    path, body = request_body(req)
     try:
         return client.post(
-            "/chat/completions",
-            body=body,
-            cast_to=object,
-            stream=True,
-            stream_cls=openai.Stream[object],
+            path, body=body, cast_to=object, stream=True, stream_cls=openai.Stream[object]
         )
     except Exception as exc:
         raise classify(exc, backend=backend) from exc
+
+
+def request_body(req: Request) -> tuple[str, dict[str, Any]]:
+    """The endpoint and JSON body for a request, continuing ``req.prefix`` if there is one."""
+    body: dict[str, Any] = {"model": req.model, "stream": True}
+    messages = req.messages
+    if req.prefix and req.continuation == "completion":
+        body["prompt"] = chatml(messages) + req.prefix
+        body["stop"] = [CHATML_END]
+        path = "/completions"
+    else:
+        path = "/chat/completions"
+        body["stream_options"] = {"include_usage": True}
+        if req.prefix:
+            messages = [*messages, {"role": "assistant", "content": req.prefix}]
+            if req.continuation == "continue_final_message":
+                body["continue_final_message"] = True
+                body["add_generation_prompt"] = False
+            else:
+                messages.append({"role": "user", "content": CONTINUE_PROMPT})
+        body["messages"] = messages
+    if req.temperature is not None:
+        body["temperature"] = req.temperature
+    if req.max_tokens:
+        body["max_tokens"] = req.max_tokens
+    return path, body
+
+
+CHATML_END = "<|im_end|>"
+
+
+def chatml(messages: list[dict[str, str]]) -> str:
+    """The ChatML prompt (SmolLM2, Qwen, and many more) up to the assistant's turn."""
+    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}{CHATML_END}\n" for m in messages)
+    return turns + "<|im_start|>assistant\n"
 
 
 def events(stream: Iterable[object]) -> Iterator[ModelEvent]:
@@ -109,7 +148,8 @@ def _chunk_events(chunk: object) -> Iterator[ModelEvent]:
         if not isinstance(choice, dict):
             continue
         delta = choice.get("delta")
-        content = delta.get("content") if isinstance(delta, dict) else None
+        # a chat chunk's delta, or a raw completion chunk's text (a continuation)
+        content = delta.get("content") if isinstance(delta, dict) else choice.get("text")
         if isinstance(content, str) and content:
             content = clean_text(content)
             if content:

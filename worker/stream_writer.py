@@ -16,36 +16,67 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 import redis
 
-from tidechat.stream_bus import DELTA, StreamBus, dumps
+from tidechat.stream_bus import DELTA, GONE, STOPPED, UNAVAILABLE, StreamBus, dumps
 
 log = logging.getLogger(__name__)
 
+INTERNAL_ERROR = {"code": "internal_error", "message": "This answer could not be stored."}
+# Redis answered, but refuses writes: full (maxmemory) or a read-only replica.
+_REFUSED = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
+
 
 class Outbox:
-    """One generation's deltas on their way to Redis."""
+    """One generation's deltas on their way to Redis.
 
-    __slots__ = ("gid", "pending", "stopped", "failed", "idle")
+    Each batch the writer takes gets the next sequence number of this run (``fence``), and
+    a batch is appended at most once however often it is retried, so a retry after a
+    partial failure never doubles text. ``written`` is what is in Redis: what clients see.
+    """
 
-    def __init__(self, gid: str) -> None:
-        self.gid = gid
+    __slots__ = ("gid", "fence", "seq", "pending", "written", "stopped", "gone", "failed", "idle")
+
+    def __init__(self, gid: str, fence: int = 0, seq: int = 0) -> None:
+        self.gid, self.fence, self.seq = gid, fence, seq
         self.pending: list[str] = []
-        self.stopped = False  # the generation was ended elsewhere (cancelled before, reaped)
-        self.failed = False  # its deltas could not be written: the generation fails
+        self.written: list[str] = []
+        self.stopped = False  # ended elsewhere (cancelled before, reaped, handed on) or failed
+        self.gone = False  # Redis lost the generation's state
+        self.failed: dict[str, str] | None = None  # the error it failed with
         self.idle = threading.Event()
         self.idle.set()
 
+    @property
+    def text(self) -> str:
+        return "".join(self.written)
+
+
+class _Batch:
+    __slots__ = ("box", "seq", "text", "payload")
+
+    def __init__(self, box: Outbox, seq: int, text: str) -> None:
+        self.box, self.seq, self.text = box, seq, text
+        self.payload = ""
+
 
 class StreamWriter:
-    def __init__(self, bus: StreamBus, coalesce_ms: float = 0.0) -> None:
+    def __init__(
+        self, bus: StreamBus, coalesce_ms: float = 0.0, retry_seconds: float = 30.0
+    ) -> None:
         self.bus = bus
         self.coalesce = coalesce_ms / 1000
+        self.retry_seconds = retry_seconds
         self._waiting: dict[str, Outbox] = {}
         self._ready = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread is None or self._thread.is_alive()
 
     def put(self, outbox: Outbox, text: str) -> bool:
         """Queue a delta; False once the generation is no longer this worker's to write."""
@@ -59,12 +90,13 @@ class StreamWriter:
         self._ready.set()
         return True
 
-    def drain(self, outbox: Outbox, timeout: float = 30.0) -> bool:
+    def drain(self, outbox: Outbox, timeout: float | None = None) -> bool:
         """Wait until every queued delta of this generation is in Redis (before its end)."""
+        timeout = self.retry_seconds + 30 if timeout is None else timeout
         return outbox.idle.wait(timeout) and not outbox.stopped
 
     def _ensure_started(self) -> None:
-        if self._thread is None:
+        if self._thread is None or not self._thread.is_alive():  # (re)start: never stay dead
             self._thread = threading.Thread(target=self._run, name="stream-writer", daemon=True)
             self._thread.start()
 
@@ -73,45 +105,78 @@ class StreamWriter:
             self._ready.wait()
             if self.coalesce:
                 time.sleep(self.coalesce)
-            with self._lock:
-                self._ready.clear()
-                batch, self._waiting = self._waiting, {}
-                texts = {gid: "".join(box.pending) for gid, box in batch.items()}
-                for box in batch.values():
-                    box.pending = []
+            batches = self._take()
             try:
-                self._write(batch, texts)
+                self._write(batches)
             except Exception:  # fail these generations, never the writer: every answer of
-                log.exception("stream writer: %d generations failed", len(batch))  # the
-                for box in batch.values():  # process goes through it
-                    self._fail(box)
+                log.exception("stream writer: %d generations failed", len(batches))  # the
+                for batch in batches:  # process goes through it
+                    self._fail(batch.box, INTERNAL_ERROR)
 
-    def _fail(self, box: Outbox) -> None:
-        box.failed = box.stopped = True
+    def _take(self) -> list[_Batch]:
+        with self._lock:
+            self._ready.clear()
+            waiting, self._waiting = self._waiting, {}
+            batches = []
+            for box in waiting.values():
+                box.seq += 1
+                batches.append(_Batch(box, box.seq, "".join(box.pending)))
+                box.pending = []
+        return batches
+
+    def _fail(self, box: Outbox, error: dict[str, str]) -> None:
+        box.failed = box.failed or error
+        box.stopped = True
         with self._lock:
             box.idle.set()
 
-    def _write(self, batch: dict[str, Outbox], texts: dict[str, str]) -> None:
-        payloads = {}
-        for gid, text in texts.items():
+    def _done(self, box: Outbox) -> None:
+        with self._lock:
+            if not box.pending:
+                box.idle.set()
+
+    def _write(self, batches: list[_Batch]) -> None:
+        todo = []
+        for batch in batches:
             try:
-                payloads[gid] = dumps({"text": text})
+                batch.payload = dumps({"text": batch.text})
+                todo.append(batch)
             except Exception:  # one generation's bad text must not fail the others
-                log.exception("generation %s: its text cannot be encoded", gid)
-                self._fail(batch.pop(gid))
-        while True:
-            try:
-                with self.bus.redis.pipeline(transaction=False) as pipe:
-                    for gid, payload in payloads.items():
-                        self.bus.append(gid, [(DELTA, payload)], pipe)
-                    results = pipe.execute()
-                break
-            except redis.RedisError:
-                log.exception("appending %d deltas failed; retrying", len(texts))
-                time.sleep(0.2)
-        for (_gid, box), last_id in zip(batch.items(), results, strict=True):
-            if last_id is None:
+                log.exception("generation %s: its text cannot be encoded", batch.box.gid)
+                self._fail(batch.box, INTERNAL_ERROR)
+        deadline, pause = time.monotonic() + self.retry_seconds, 0.1
+        while todo:
+            todo = self._attempt(todo, final=time.monotonic() >= deadline)
+            if todo:
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+
+    def _attempt(self, batches: list[_Batch], final: bool) -> list[_Batch]:
+        """One pipelined try; returns the batches to try again."""
+        try:
+            with self.bus.redis.pipeline(transaction=False) as pipe:
+                for b in batches:
+                    self.bus.append(b.box.gid, b.box.fence, b.seq, [(DELTA, b.payload)], pipe)
+                replies: list[Any] = pipe.execute(raise_on_error=False)
+        except redis.RedisError as exc:
+            replies = [exc] * len(batches)
+        retry = []
+        for batch, reply in zip(batches, replies, strict=True):
+            box = batch.box
+            if isinstance(reply, Exception):
+                if final or isinstance(reply, _REFUSED):
+                    log.error("generation %s: Redis refused its text: %s", box.gid, reply)
+                    self._fail(box, UNAVAILABLE)
+                else:
+                    log.warning("generation %s: appending failed (%s); retrying", box.gid, reply)
+                    retry.append(batch)
+                continue
+            reply = reply.decode() if isinstance(reply, bytes) else reply
+            if reply == GONE:
+                box.gone = box.stopped = True
+            elif reply == STOPPED:
                 box.stopped = True
-            with self._lock:
-                if not box.pending:
-                    box.idle.set()
+            else:
+                box.written.append(batch.text)
+            self._done(box)
+        return retry

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -13,10 +11,12 @@ from celery import shared_task
 from flask import Flask, current_app
 
 from tidechat import chat, db, models
-from tidechat.stream_bus import DONE, ERROR, StreamBus
-from worker import GENERATE_TASK, model_client
-from worker.lease_keeper import Deadlines, LeaseKeeper
+from tidechat.errors import DATABASE_DOWN, REDIS_DOWN
+from tidechat.stream_bus import DONE, ERROR, GONE, STATE_LOST, Claim, StreamBus, lost_end
+from worker import GENERATE_TASK, enqueue_generation, model_client
+from worker.lease_keeper import Deadlines, Lease, LeaseKeeper
 from worker.model_client import Finish, TextDelta, UpstreamError, Usage
+from worker.retrying import retrying
 from worker.stream_writer import Outbox, StreamWriter
 
 log = logging.getLogger(__name__)
@@ -45,14 +45,51 @@ def runtime_for(app: Flask) -> Runtime:
                 cfg["REDIS_URL"], bus, float(cfg["LEASE_TTL"]), float(cfg["LEASE_RENEW"]),
                 Deadlines(float(cfg["ANSWER_DEADLINE"]), float(cfg["TOKEN_DEADLINE"])),
             ),  # fmt: skip
-            writer=StreamWriter(bus, float(cfg["STREAM_COALESCE_MS"])),
+            writer=StreamWriter(
+                bus, float(cfg["STREAM_COALESCE_MS"]), float(cfg["REDIS_RETRY_SECONDS"])
+            ),
         )
     return runtime
 
 
-@shared_task(name=GENERATE_TASK, ignore_result=True)
-def generate(gid: str) -> None:
-    Generation(current_app._get_current_object(), gid).run()
+class NotStarted(Exception):
+    """Redis or the database failed before the answer started streaming: retry the task."""
+
+
+@shared_task(bind=True, name=GENERATE_TASK, ignore_result=True)
+def generate(task: Any, gid: str) -> None:
+    app = current_app._get_current_object()
+    try:
+        Generation(app, gid).run()
+    except NotStarted as exc:
+        tries = task.request.retries
+        if tries >= int(app.config["START_RETRIES"]):
+            log.error("generation %s could not start after %d tries: %s", gid, tries + 1, exc)
+            give_up(app, gid)
+            return
+        log.warning("generation %s could not start (%s); retry %d", gid, exc, tries + 1)
+        raise task.retry(countdown=min(2**tries, 30), max_retries=None) from exc
+
+
+def give_up(app: Flask, gid: str) -> None:
+    """End an answer that could not be started, so its clients see an error (the sweeper
+    records it in the database if it is still out of reach here)."""
+    error = UpstreamError("unavailable", "The answer could not be started; please retry.")
+    try:
+        app.extensions["stream_bus"].fail_queued(gid, error.payload())
+        s = db.session()
+        msg = chat.generation_message(s, gid)
+        if msg is not None and msg.status not in models.FINAL_STATUSES:
+            chat.record_end(s, msg, msg.content, models.ERROR, error.payload())
+    except Exception:
+        log.warning("generation %s: could not record that it failed to start", gid, exc_info=True)
+
+
+@dataclass
+class Outcome:
+    event: str
+    payload: dict
+    status: str
 
 
 class Generation:
@@ -60,49 +97,104 @@ class Generation:
 
     def __init__(self, app: Flask, gid: str) -> None:
         self.app, self.gid = app, gid
+        self.cfg = app.config
         self.bus: StreamBus = app.extensions["stream_bus"]
-        self.holder = f"{socket.gethostname()}:{os.getpid()}"
+        self.runtime = runtime_for(app)
 
     def run(self) -> None:
+        if self.runtime.keeper.draining:  # a task that reached a stopping worker: pass it on
+            enqueue_generation(self.app, self.gid)
+            log.info("generation %s passed on: this worker is stopping", self.gid)
+            return
         s = db.session()
-        msg = chat.generation_message(s, self.gid)
+        try:
+            msg = chat.generation_message(s, self.gid)
+            claim = None if msg is None else self.bus.claim(self.gid, self._lease_ms)
+        except (*DATABASE_DOWN, *REDIS_DOWN) as exc:
+            raise NotStarted(exc) from exc
         if msg is None:
             log.warning("generation %s has no message; skipped", self.gid)
             return
-        lease_ms = int(float(self.app.config["LEASE_TTL"]) * 1000)
-        if not self.bus.claim(self.gid, self.holder, lease_ms):
+        if claim is None:
             log.info("generation %s was cancelled or taken before it started", self.gid)
             return
-        msg.status = models.STREAMING
-        s.commit()
-        try:
-            self._stream_and_record(s, msg)
+        lease = self.runtime.keeper.hold(self.gid, claim.fence)
+        try:  # the lease stays held until the end is recorded, however long that takes
+            self._run_claimed(s, msg, claim, lease)
+        except NotStarted:
+            self._release(lease)
+            raise
         except Exception:
             log.exception("generation %s failed", self.gid)
             s.rollback()
             error = UpstreamError("internal_error", "Something went wrong generating this answer.")
-            self.bus.finish(self.gid, ERROR, error.payload(), models.ERROR)
+            self.bus.finish(self.gid, ERROR, error.payload(), models.ERROR, claim.fence)
+        finally:
+            self.runtime.keeper.release(lease)
 
-    def _stream_and_record(self, s: Any, msg: models.Message) -> None:
-        runtime = runtime_for(self.app)
-        lease = runtime.keeper.hold(self.gid)
-        outbox = Outbox(self.gid)
-        parts: list[str] = []
+    @property
+    def _lease_ms(self) -> int:
+        return int(float(self.cfg["LEASE_TTL"]) * 1000)
+
+    def _release(self, lease: Lease) -> bool:
+        """Queue the answer again for another worker (or another try of this task)."""
+        try:
+            return self.bus.release(self.gid, lease.fence)
+        except REDIS_DOWN:
+            log.warning("generation %s: could not release it", self.gid, exc_info=True)
+            return False
+
+    def _run_claimed(self, s: Any, msg: models.Message, claim: Claim, lease: Lease) -> None:
+        try:
+            prefix = self._prefix(msg, claim)
+            request = self._request(s, msg, prefix)
+        except (*DATABASE_DOWN, *REDIS_DOWN) as exc:
+            raise NotStarted(exc) from exc
+        outbox = Outbox(self.gid, claim.fence, claim.seq)
+        if claim.seq:
+            outbox.written.append(prefix)  # handed on: the answer so far is in the stream
+        elif prefix:
+            self.runtime.writer.put(outbox, prefix)  # Continue: it opens the new stream
+        result = self._stream(request, lease, outbox)
+        if result is None:
+            return  # handed on to another worker
+        self._record(s, msg, outbox.text, result, lease)
+
+    def _prefix(self, msg: models.Message, claim: Claim) -> str:
+        if claim.seq:
+            log.info("generation %s: continuing a handed-on answer", self.gid)
+            return chat.text_of(self.bus.entries(self.gid))
+        return msg.content  # empty, or the partial answer of an interrupted one (Continue)
+
+    def _request(self, s: Any, msg: models.Message, prefix: str) -> model_client.Request:
+        conv = msg.conversation
+        messages = chat.history(conv, msg)
+        if msg.status != models.STREAMING:
+            msg.status = models.STREAMING
+        # End the read transaction: a generation must not hold one of the pool's few
+        # database connections for its whole stream (it capped concurrent generations at
+        # the pool size).
+        s.commit()
+        return model_client.Request(
+            model=msg.model,
+            messages=messages,
+            temperature=conv.temperature,
+            max_tokens=int(self.cfg["MAX_OUTPUT_TOKENS"]),
+            prefix=prefix,
+            continuation=self.cfg["CONTINUATION"],
+        )
+
+    def _stream(
+        self, request: model_client.Request, lease: Lease, outbox: Outbox
+    ) -> Outcome | None:
+        """Relay the model's answer; how it ended, or None if it was handed on."""
+        writer = self.runtime.writer
         finish: str | None = None
         usage: dict | None = None
         error: UpstreamError | None = None
         try:
-            conv = msg.conversation
-            messages = chat.history(conv, msg)
-            # End the read transaction: a generation must not hold one of the pool's few
-            # database connections for its whole stream (it capped concurrent generations
-            # at the pool size).
-            s.commit()
-            client = runtime.client
-            max_tokens = int(self.app.config["MAX_OUTPUT_TOKENS"])
-            backend = self.app.config["BACKEND_LABEL"]
             with model_client.open_stream(
-                client, msg.model, messages, conv.temperature, max_tokens, backend
+                self.runtime.client, request, self.cfg["BACKEND_LABEL"]
             ) as stream:
                 lease.attach(stream)
                 for event in model_client.events(stream):
@@ -110,56 +202,99 @@ class Generation:
                         break
                     if isinstance(event, TextDelta):
                         lease.token()
-                        if not runtime.writer.put(outbox, event.text):
+                        if not writer.put(outbox, event.text):
                             break
-                        parts.append(event.text)
                     elif isinstance(event, Finish):
                         finish = event.reason
                     elif isinstance(event, Usage):
                         usage = event.usage
         except UpstreamError as exc:
             error = exc
-        finally:
-            overdue = lease.overdue(time.monotonic()) if lease.timed_out.is_set() else None
-            runtime.keeper.release(lease)
-        if not runtime.writer.drain(outbox):
-            lease.lost.set()  # ended by someone else (the reaper): they record it
+        overdue = lease.overdue(time.monotonic()) if lease.timed_out.is_set() else None
+        writer.drain(outbox)
 
-        text = "".join(parts)
+        if finish is not None and not outbox.stopped:
+            return Outcome(DONE, {"finish_reason": finish, "usage": usage}, models.DONE)
+        if outbox.gone or lease.gone.is_set():
+            return Outcome(ERROR, STATE_LOST, models.ERROR)
         if outbox.failed:
-            error = UpstreamError("internal_error", "This answer could not be stored.")
-            self._record(s, msg, text, ERROR, error.payload(), models.ERROR)
-        elif lease.lost.is_set():
-            chat.reconcile(s, self.bus, msg)
-        elif overdue is not None and finish is None:
-            error = UpstreamError("upstream_timeout", overdue)
-            self._record(s, msg, text, ERROR, error.payload(), models.ERROR)
-        elif lease.cancelled.is_set() and finish is None:
-            payload = {"finish_reason": "cancelled", "usage": usage}
-            self._record(s, msg, text, DONE, payload, models.CANCELLED)
-        elif error is not None or finish is None:
-            error = error or UpstreamError(
-                "upstream_incomplete", "The model's answer ended before it was complete."
-            )
-            self._record(s, msg, text, ERROR, error.payload(), models.ERROR)
-        else:
-            self._record(s, msg, text, DONE, {"finish_reason": finish, "usage": usage}, models.DONE)
+            return Outcome(ERROR, outbox.failed, models.ERROR)
+        if lease.lost.is_set() or outbox.stopped:
+            return Outcome("", {}, "")  # ended by someone else (the reaper): theirs stands
+        if lease.cancelled.is_set():
+            return Outcome(DONE, {"finish_reason": "cancelled", "usage": usage}, models.CANCELLED)
+        if lease.handed_off.is_set():
+            return self._hand_off(lease)
+        if overdue is not None:
+            timeout = UpstreamError("upstream_timeout", overdue)
+            return Outcome(ERROR, timeout.payload(), models.ERROR)
+        error = error or UpstreamError(
+            "upstream_incomplete", "The model's answer ended before it was complete."
+        )
+        return Outcome(ERROR, error.payload(), models.ERROR)
+
+    def _hand_off(self, lease: Lease) -> Outcome | None:
+        """This worker is stopping (a deploy): pass the answer on to one that stays, which
+        continues it in the same stream; or, where the backend cannot continue a partial
+        answer, end it ``interrupted`` with its text kept."""
+        payload = {"finish_reason": models.INTERRUPTED, "usage": None}
+        if self.cfg["CONTINUATION"] == "none":
+            log.warning("generation %s interrupted by shutdown", self.gid)
+            return Outcome(DONE, payload, models.INTERRUPTED)
+        if self._release(lease):
+            try:
+                enqueue_generation(self.app, self.gid)
+                log.warning("generation %s handed on (this worker is stopping)", self.gid)
+                return None
+            except REDIS_DOWN:  # released, but not queued: the sweeper's queue timeout ends it
+                log.exception("generation %s: released but could not be queued", self.gid)
+                return None
+        return Outcome("", {}, "")  # no longer ours: whoever took it ends it
 
     def _record(
-        self, s: Any, msg: models.Message, text: str, event: str, payload: dict, status: str
+        self, s: Any, msg: models.Message, text: str, end: Outcome, lease: Lease
     ) -> None:
-        """Store the answer, then end the stream: a client that sees the end sees it stored."""
-        msg.content, msg.status = text, status
-        if event == DONE:
-            msg.finish_reason, msg.usage = payload["finish_reason"], payload["usage"]
-        else:
-            msg.error = payload
-        try:
-            s.commit()
-        except Exception:  # e.g. the conversation was deleted meanwhile: still end the stream
-            log.warning("could not store the answer of %s", self.gid, exc_info=True)
-            s.rollback()
-            self.bus.finish(self.gid, event, payload, status)
+        """Store the answer, then end the stream: a client that sees the end sees it stored.
+
+        Both are retried for a while (the database or Redis may be out of reach for a
+        moment); if the database stays out of reach the stream still ends, and the
+        sweeper stores the answer from it later.
+        """
+        if not end.event:
+            self._reconcile(s, msg)
             return
-        if self.bus.finish(self.gid, event, payload, status) is None:
-            chat.reconcile(s, self.bus, msg)  # someone else ended it first: theirs stands
+        try:
+            retrying(
+                lambda: chat.record_end(s, msg, text, end.status, end.payload),
+                DATABASE_DOWN, float(self.cfg["DB_RETRY_SECONDS"]), f"storing {self.gid}",
+            )  # fmt: skip
+        except Exception:  # e.g. the database stayed down: still end the stream
+            log.error("could not store the answer of %s", self.gid, exc_info=True)
+            s.rollback()
+        if end.payload is STATE_LOST:
+            ended = self.bus.end_lost(self.gid, end.event, lost_end(text), end.status)
+        else:
+            ended = retrying(
+                lambda: self.bus.finish(self.gid, end.event, end.payload, end.status, lease.fence),
+                REDIS_DOWN, float(self.cfg["REDIS_RETRY_SECONDS"]), f"ending {self.gid}",
+            )  # fmt: skip
+            if ended == GONE:  # Redis lost its state as it ended: end the open streams
+                self.bus.end_lost(self.gid, ERROR, lost_end(text), models.ERROR)
+                chat.record_end(s, msg, text, models.ERROR, STATE_LOST)
+            elif ended is None:
+                self._reconcile(s, msg)  # someone else ended it first: theirs stands
+
+    def _reconcile(self, s: Any, msg: models.Message) -> None:
+        try:
+            s.rollback()
+            s.refresh(msg)
+            chat.reconcile(s, self.bus, msg)
+        except Exception:
+            log.warning("generation %s: could not reconcile", self.gid, exc_info=True)
+
+
+
+def hand_off_after(app: Flask, seconds: float) -> None:
+    runtime = _runtimes.get(id(app))
+    if runtime is not None:
+        runtime.keeper.hand_off_after(seconds)

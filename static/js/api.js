@@ -54,8 +54,9 @@ export const api = {
     request("POST", `${conversation(cid)}/regenerate`, model ? { model } : {}),
   generation: (gid) => request("GET", generation(gid)),
   cancel: (gid) => request("POST", `${generation(gid)}/cancel`),
+  continueAnswer: (gid) => request("POST", `${generation(gid)}/continue`),
   eventsUrl: (gid, after) =>
     `${generation(gid)}/events${after ? `?after=${encodeURIComponent(after)}` : ""}`,
 };
 
-export const FINAL_STATUSES = new Set(["done", "error", "cancelled"]);
+export const FINAL_STATUSES = new Set(["done", "error", "cancelled", "interrupted"]);

@@ -25,7 +25,11 @@ const state = {
   sidebarLoads: 0,
 };
 
-const actions = { onRegenerate: () => regenerate(), onRetry: () => regenerate() };
+const actions = {
+  onRegenerate: () => regenerate(),
+  onRetry: () => regenerate(),
+  onContinue: (gid) => continueAnswer(gid),
+};
 
 // -- views ------------------------------------------------------------------------------
 
@@ -238,7 +242,8 @@ function sendErrorText(error) {
 
 /** An answer just queued in the open conversation: show it and follow its stream. */
 function showNewAnswer(generation, model) {
-  const view = new AssistantView({ id: generation.message_id, model, content: "" }, actions);
+  const view = new AssistantView(
+    { id: generation.message_id, generation_id: generation.id, model, content: "" }, actions);
   appendMessage(view.element, view);
   state.stick = true;
   attach(view, generation.id);
@@ -315,6 +320,24 @@ async function regenerate() {
         ? sendErrorText(error)
         : `Could not regenerate: ${error.message}`,
     );
+  }
+}
+
+/** Go on with an interrupted answer: its new stream starts with the text so far. */
+async function continueAnswer(gid) {
+  const conversation = state.conversation;
+  if (!conversation || state.live) return;
+  hideAlert();
+  try {
+    const { generation } = await api.continueAnswer(gid);
+    broadcast(conversation.id);
+    if (state.conversation?.id !== conversation.id) return;
+    const last = messageViews().at(-1);
+    const model = last?.assistantView?.model || settings.model;
+    if (last?.assistantView) last.remove();
+    showNewAnswer(generation, model);
+  } catch (error) {
+    showAlert(`Could not continue: ${error.message}`);
   }
 }
 

@@ -21,12 +21,16 @@ function usageText(usage) {
 const FINISH_NOTES = {
   cancelled: "Stopped.",
   length: "Cut short: the answer reached the length limit.",
+  interrupted: "Interrupted: the server restarted while writing this answer.",
 };
+// How each finish reason leaves the message (anything else: done).
+const FINISH_STATES = { cancelled: "cancelled", interrupted: "interrupted" };
 
 export class AssistantView {
-  /** message: {id, model, content, ...}; actions: {onRegenerate, onRetry}. */
+  /** message: {id, model, content, ...}; actions: {onRegenerate, onRetry, onContinue}. */
   constructor(message, actions) {
     this.actions = actions;
+    this.gid = message.generation_id;
     this.text = message.content || "";
     this.model = message.model || "";
     this.state = "idle";
@@ -83,7 +87,7 @@ export class AssistantView {
     this.notice.hidden = !note;
     this.notice.textContent = note || "";
     this.usage.textContent = usageText(usage);
-    this.state = reason === "cancelled" ? "cancelled" : "done";
+    this.state = FINISH_STATES[reason] || "done";
   }
 
   fail(error) {
@@ -115,6 +119,12 @@ export class AssistantView {
           text: "Retry", className: "text-button retry", onClick: () => this.actions.onRetry(),
         }));
       } else if (isLast) {
+        if (this.state === "interrupted") {
+          buttons.push(iconButton("refresh", "Continue", {
+            text: "Continue", className: "text-button continue",
+            onClick: () => this.actions.onContinue(this.gid),
+          }));
+        }
         buttons.push(iconButton("refresh", "Regenerate", {
           text: "Regenerate", className: "text-button", onClick: () => this.actions.onRegenerate(),
         }));
@@ -127,7 +137,7 @@ export class AssistantView {
   static fromStored(message, actions) {
     const view = new AssistantView(message, actions);
     if (message.status === "error") view.fail(message.error);
-    else if (message.status === "done" || message.status === "cancelled") {
+    else if (["done", "cancelled", "interrupted"].includes(message.status)) {
       view.finish({ finish_reason: message.finish_reason, usage: message.usage });
     }
     return view;

@@ -78,9 +78,15 @@ export class GenerationStream {
     });
     source.addEventListener("error", (event) => {
       if (typeof event.data === "string" && event.data) {
-        // The server's own `event: error`: the answer failed.
+        // The server's own `event: error`: the answer failed. After the server lost the
+        // stream (state_lost) it carries the whole stored text, which wins.
+        const error = JSON.parse(event.data);
         this.finish();
-        this.handlers.onError(JSON.parse(event.data));
+        if (typeof error.text === "string" && error.text !== this.text) {
+          this.text = error.text;
+          this.handlers.onText(this.text);
+        }
+        this.handlers.onError(error);
       } else if (source.readyState === EventSource.CONNECTING) {
         this.setReconnecting(true); // EventSource retries by itself, with Last-Event-ID
         this.armWatchdog(); // and may hang doing so

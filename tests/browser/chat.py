@@ -61,7 +61,7 @@ def wait_final(context: BrowserContext, cid: str, timeout: float = 20, base: str
         if (
             last
             and last["role"] == "assistant"
-            and last["status"] in ("done", "error", "cancelled")
+            and last["status"] in ("done", "error", "cancelled", "interrupted")
         ):
             return conv
         assert time.monotonic() < deadline, f"the answer in {cid} did not end: {last}"

@@ -6,13 +6,13 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request, url_for
 
-from tidechat import chat, db, models
+from tidechat import chat, db, hygiene, models
 from tidechat.errors import REDIS_DOWN, ApiError, unavailable
 from tidechat.identity import current_owner
 from tidechat.model_catalog import model_catalog
 from tidechat.models import Conversation
 from tidechat.rate_limit import limiter, message_limit
-from tidechat.stream_bus import StreamBus
+from tidechat.stream_bus import DONE, StreamBus
 from tidechat.views.hub import get_hub
 from worker import enqueue_generation
 
@@ -26,9 +26,10 @@ def bus() -> StreamBus:
 def json_body() -> dict[str, Any]:
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "Send JSON (Content-Type: application/json).")
-    body = request.get_json(silent=True)
+    body = hygiene.parse_json(request.get_data(cache=True))
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "The body must be a JSON object.")
+    hygiene.check_text(body)
     return body
 
 
@@ -255,9 +256,31 @@ def cancel_generation(gid: str):
     if msg.status in models.FINAL_STATUSES:
         return jsonify(chat.generation_view(bus(), msg)), 200
     bus().request_cancel(gid)
-    # Not started yet: end it here; the worker will find it finished and skip it.
-    if msg.status == models.QUEUED and bus().cancel_queued(gid):
-        msg.status, msg.finish_reason = models.CANCELLED, "cancelled"
-        s.commit()
+    # Not started yet: end it here; the worker will find it finished and skip it. And if
+    # Redis lost its state, nobody else can end it: end it here too.
+    # Its worker gone (no lease), or Redis lost its state: nobody else will end it.
+    cancelled = {"finish_reason": "cancelled", "usage": None}
+    if bus().end_lost(gid, DONE, cancelled, models.CANCELLED):
+        chat.record_end(s, msg, msg.content, models.CANCELLED, cancelled)
+    elif (msg.status == models.QUEUED and bus().cancel_queued(gid)) or bus().reap(
+        gid, cancelled, DONE, models.CANCELLED
+    ):
+        chat.reconcile(s, bus(), msg)
+    if msg.status in models.FINAL_STATUSES:
         return jsonify(chat.generation_view(bus(), msg)), 200
     return jsonify(chat.generation_view(bus(), msg)), 202
+
+
+@bp.post("/generations/<gid>/continue")
+@limiter.limit(message_limit)
+def continue_generation(gid: str):
+    """Go on with an answer a deploy interrupted, in the same message: a new generation
+    whose stream starts with the text so far."""
+    s = db.session()
+    msg = chat.owned_generation(s, current_owner(), gid)
+    conv = msg.conversation
+    if msg.status != models.INTERRUPTED or conv.messages[-1] is not msg:
+        raise ApiError(409, "not_interrupted", "Only the last, interrupted answer can continue.")
+    msg.generation_id, msg.status, msg.finish_reason = models.new_id(), models.QUEUED, None
+    s.commit()
+    return launch(chat.last_user_message(conv), msg, stream=True)

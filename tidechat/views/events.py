@@ -44,6 +44,7 @@ def resume_cursor() -> str:
 def generation_events(gid: str):
     s = db.session()
     msg = chat.owned_generation(s, current_owner(), gid)
+    s.commit()  # give the connection back: the stream may be held open for long
     cursor = resume_cursor()
     hub = get_hub()
     if hub.draining:
@@ -105,8 +106,5 @@ def _from_database(msg: models.Message, cursor: str) -> Iterator[bytes]:
     if msg.content and id_tuple(cursor) < id_tuple(_DB_TEXT_ID):
         data = dumps({"text": msg.content})
         yield ServerSentEvent(id=_DB_TEXT_ID, event="delta", data=data).encode()
-    if msg.status == models.ERROR:
-        yield ServerSentEvent(id=_DB_END_ID, event="error", data=dumps(msg.error)).encode()
-    else:
-        payload = {"finish_reason": msg.finish_reason, "usage": msg.usage}
-        yield ServerSentEvent(id=_DB_END_ID, event="done", data=dumps(payload)).encode()
+    event, payload = chat.terminal_of(msg)
+    yield ServerSentEvent(id=_DB_END_ID, event=event, data=dumps(payload)).encode()

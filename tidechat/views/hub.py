@@ -6,7 +6,7 @@ import threading
 
 from flask import Flask, current_app
 
-from tidechat import chat, db
+from tidechat import db, recovery
 from tidechat.stream_hub import StreamHub
 
 _lock = threading.Lock()
@@ -32,12 +32,9 @@ def drain(app: Flask) -> None:
 def _make_hub(app: Flask) -> StreamHub:
     cfg = app.config
 
-    def on_reaped(gid: str) -> None:
+    def reap(gid: str) -> bool:
         with app.app_context():
-            s = db.session()
-            msg = chat.generation_message(s, gid)
-            if msg is not None:
-                chat.reconcile(s, app.extensions["stream_bus"], msg)
+            return recovery.reap(db.session(), app.extensions["stream_bus"], gid)
 
     return StreamHub(
         cfg["REDIS_URL"],
@@ -47,5 +44,5 @@ def _make_hub(app: Flask) -> StreamHub:
         read_count=int(cfg["HUB_READ_COUNT"]),
         lease_ttl=float(cfg["LEASE_TTL"]),
         reap_interval=float(cfg["REAP_INTERVAL"]),
-        on_reaped=on_reaped,
+        reap=reap,
     )

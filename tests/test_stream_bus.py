@@ -1,0 +1,85 @@
+"""The stream bus's guarantees, against real Redis: appends exactly once, fenced writers,
+leases taken back after Redis lost them, and a fresh end when Redis lost everything."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from tidechat.redis_keys import RedisKeys
+from tidechat.stream_bus import DELTA, DONE, GONE, STATE_LOST, STOPPED, StreamBus, dumps
+
+
+@pytest.fixture
+def bus(redis_client, key_prefix) -> StreamBus:
+    return StreamBus(redis_client, RedisKeys(key_prefix + "bus:"), stream_ttl=60)
+
+
+def delta(text: str) -> list[tuple[str, str]]:
+    return [(DELTA, dumps({"text": text}))]
+
+
+def texts(bus: StreamBus, gid: str) -> list[str]:
+    return [e.payload()["text"] for e in bus.entries(gid) if e.event == DELTA]
+
+
+def running(bus: StreamBus) -> tuple[str, int]:
+    gid = uuid.uuid4().hex
+    bus.create(gid)
+    claim = bus.claim(gid, 5000)
+    assert claim is not None and claim.seq == 0
+    return gid, claim.fence
+
+
+def test_a_retried_batch_is_appended_once(bus):
+    """Before: a pipeline retried whole after a partial failure stored text twice."""
+    gid, fence = running(bus)
+    first = bus.append(gid, fence, 1, delta("Hello"))
+    assert bus.append(gid, fence, 1, delta("Hello")) == first  # the retry: already there
+    bus.append(gid, fence, 2, delta(", world"))
+    assert texts(bus, gid) == ["Hello", ", world"]
+
+
+def test_a_stale_writer_is_fenced_off_after_a_hand_off(bus):
+    gid, fence = running(bus)
+    bus.append(gid, fence, 1, delta("one "))
+    assert bus.release(gid, fence)
+    again = bus.claim(gid, 5000)
+    assert again is not None and again.fence == fence + 1 and again.seq == 1
+    assert bus.append(gid, fence, 2, delta("stale ")) == STOPPED
+    assert bus.finish(gid, DONE, {"finish_reason": "stop"}, "done", fence) is None
+    bus.append(gid, again.fence, 2, delta("two"))
+    assert bus.finish(gid, DONE, {"finish_reason": "stop"}, "done", again.fence)
+    assert texts(bus, gid) == ["one ", "two"]
+
+
+def test_a_lease_redis_lost_is_taken_back_while_the_generation_is_still_ours(bus):
+    gid, fence = running(bus)
+    bus.redis.delete(bus.k(gid).lease)  # expired while the worker was cut off
+    assert bus.renew_and_check([(gid, fence)], 5000) == [(1, False)]
+    assert bus.redis.get(bus.k(gid).lease) == str(fence).encode()
+    assert bus.reap(gid, {"code": "worker_lost"}) is None  # it has a lease again
+
+
+def test_a_reaped_generation_is_not_taken_back(bus):
+    gid, fence = running(bus)
+    bus.redis.delete(bus.k(gid).lease)
+    assert bus.reap(gid, {"code": "worker_lost", "message": "gone"})
+    assert bus.renew_and_check([(gid, fence)], 5000) == [(0, False)]
+    assert bus.append(gid, fence, 1, delta("late")) == STOPPED
+
+
+def test_when_redis_lost_the_state_writers_hear_gone_and_a_fresh_end_is_written(bus):
+    gid, fence = running(bus)
+    bus.append(gid, fence, 1, delta("partial"))
+    k = bus.k(gid)
+    bus.redis.delete(k.stream, k.meta, k.lease)  # a restart without persistence
+    assert bus.renew_and_check([(gid, fence)], 5000) == [(-1, False)]
+    assert bus.append(gid, fence, 2, delta("more")) == GONE
+    assert bus.finish(gid, DONE, {"finish_reason": "stop"}, "done", fence) == GONE
+    end = bus.end_lost(gid, "error", STATE_LOST, "error")
+    assert end is not None
+    assert [e.event for e in bus.entries(gid)] == ["error"]
+    assert bus.meta(gid)["state"] == "error"
+    assert bus.end_lost(gid, "error", STATE_LOST, "error") is None  # once only
