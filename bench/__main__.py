@@ -1,4 +1,8 @@
-"""``python -m bench [--quick]``: run the benchmark, print the tables, write JSON and PNG."""
+"""``python -m bench [--quick]``: run the benchmark, print the tables, write JSON and PNG.
+
+``python -m bench soak --minutes N ...``: the soak (``bench/soak.py``); exits 1 if a check
+failed.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,11 @@ from bench.harness import OUTPUT, Options, quick_options, run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        epilog="The soak's options: python -m bench soak --help",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny levels, a few seconds")
     parser.add_argument("--levels", help="comma-separated concurrent streams, e.g. 1,10,100")
     parser.add_argument("--idle-levels", help="comma-separated idle clients, e.g. 1000,10000")
@@ -47,6 +55,11 @@ def options_from(args: argparse.Namespace) -> Options:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run, then write ``result-<time>.json`` and ``.png`` (and ``latest.*``) to the output."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["soak"]:
+        from bench import soak
+
+        return soak.main(argv[1:])
     args = parse_args(argv)
     opts = options_from(args)
     result = run(opts, idle=not args.no_idle)
@@ -67,4 +80,6 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     # SIGTERM unwinds like Ctrl-C, so every started process is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    main()
+    outcome = main()
+    if outcome.get("kind") == "soak" and not outcome["tally"]["ok"]:
+        sys.exit(1)

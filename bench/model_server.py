@@ -7,6 +7,9 @@ the script:
 - ``bench-n<N>-r<R>-t<T>[-<tag>]``: wait T ms (the model's own time to first token), then
   N tokens at R tokens/s. Each token's text is ``"<time.time_ns()> "``: the moment it was
   written, so a client downstream of any relay can tell how long the token took to reach it;
+- ``bench-n<N>-r<R>-t<T>-say-<word>``: the same timing, but a known text: token ``i`` is
+  ``"<word>.<i> "`` (``script_text`` gives the whole answer), for runs that check every
+  client received exactly what the model said (``python -m bench soak``);
 - ``bench-idle[-<tag>]``: a silent answer that only sends SSE comments (which the SDK
   skips) so no read timeout fires, until ``POST /bench/release``, or the hold limit.
 
@@ -37,6 +40,7 @@ from bench.limits import raise_nofile
 
 _SCRIPTED = re.compile(r"^bench-n(\d+)-r(\d+(?:\.\d+)?)-t(\d+)(?:-(.+))?$")
 _IDLE = re.compile(r"^bench-idle(?:-(.+))?$")
+_SAY = re.compile(r"^say-([A-Za-z0-9_]+)$")
 IDLE_COMMENT_EVERY = 10.0  # seconds; well under any client's read timeout
 IDLE_HOLD_LIMIT = 1800.0  # an idle stream never outlives a run, whatever happens
 # A consumer this far behind gets no new token until it catches up (as TCP would do).
@@ -50,15 +54,27 @@ class Spec:
     rate: float = 0.0
     ttft: float = 0.0
     idle: bool = False
+    say: str = ""  # the word of a known-text script ("" for time stamps)
 
 
 def parse_model(name: str) -> Spec | None:
     if m := _SCRIPTED.match(name):
         tokens, rate, ttft_ms, tag = m.groups()
-        return Spec(tag or "", int(tokens), float(rate), int(ttft_ms) / 1000)
+        say = _SAY.match(tag or "")
+        return Spec(
+            tag or "", int(tokens), float(rate), int(ttft_ms) / 1000, say=say[1] if say else ""
+        )
     if m := _IDLE.match(name):
         return Spec(m.group(1) or "", idle=True)
     return None
+
+
+def script_text(model: str) -> str:
+    """The whole answer of a ``...-say-<word>`` script."""
+    spec = parse_model(model)
+    if spec is None or not spec.say:
+        raise ValueError(f"{model!r} is not a known-text script")
+    return "".join(f"{spec.say}.{i} " for i in range(spec.tokens))
 
 
 class ChunkFormat:
@@ -82,6 +98,10 @@ class ChunkFormat:
 
     def token(self, stamp_ns: int) -> bytes:
         return b"%s%d %s" % (self.token_prefix, stamp_ns, self.token_suffix)
+
+    def word(self, word: bytes, index: int) -> bytes:
+        """Token ``index`` of a known-text script (``word`` is JSON-safe: [A-Za-z0-9_])."""
+        return b"%s%s.%d %s" % (self.token_prefix, word, index, self.token_suffix)
 
     def usage(self, completion_tokens: int) -> bytes:
         return self.usage_chunk(
@@ -108,6 +128,8 @@ class Stream:
     fmt: ChunkFormat
     left: int
     interval: float
+    say: bytes = b""  # a known-text script's word (else: time stamps)
+    sent: int = 0
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     def gone(self) -> bool:
@@ -148,12 +170,17 @@ class Scheduler:
                 _settle(stream.done, "hung up")
                 continue
             if stream.transport.get_write_buffer_size() < BACKLOG_LIMIT:
+                if stream.say:
+                    chunk = stream.fmt.word(stream.say, stream.sent)
+                else:
+                    chunk = stream.fmt.token(time.time_ns())
                 try:
-                    await stream.resp.write(stream.fmt.token(time.time_ns()))
+                    await stream.resp.write(chunk)
                 except (ConnectionError, RuntimeError):
                     _settle(stream.done, "hung up")
                     continue
                 stream.left -= 1
+                stream.sent += 1
                 self.stats.tokens[stream.fmt.head["model"]] += 1
             if stream.left <= 0:
                 _settle(stream.done, None)
@@ -265,7 +292,7 @@ class ModelServer:
     ) -> None:
         if spec.tokens <= 0:
             return
-        stream = Stream(resp, transport, fmt, spec.tokens, 1 / spec.rate)
+        stream = Stream(resp, transport, fmt, spec.tokens, 1 / spec.rate, spec.say.encode())
         self.scheduler.add(stream, time.monotonic())
         await stream.done
 

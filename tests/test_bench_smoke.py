@@ -32,3 +32,22 @@ def test_quick_bench_writes_a_result(tmp_path: Path, redis_url: str) -> None:
     assert [s["target"] for s in written["idle"]] == ["proxy", "tidechat"]
     assert all("rss_per_client_kb" in p for s in written["idle"] for p in s["levels"])
     assert result["targets"]
+
+
+def test_short_soak_through_a_redis_restart_passes_its_checks(tmp_path: Path) -> None:
+    """``python -m bench soak`` for 20 s: 5 answers in flight, Redis killed (SIGKILL) and
+    restarted from its AOF in the middle; every client's text, ids and end must check out."""
+    result = main(
+        ["soak", "--minutes", "0.33", "--streams", "5", "--tokens", "40", "--rate", "10",
+         "--restart-at", "0.5", "--grace", "45", "--output", str(tmp_path)]
+    )  # fmt: skip
+
+    written = json.loads((tmp_path / "soak-latest.json").read_text())
+    tally = written["tally"]
+    assert tally["ok"], json.dumps({"checks": tally["checks"], "failures": tally["failures"][:5]})
+    assert written["restart"]["down_s"] >= 3
+    assert written["redis"]["appendonly"] == "yes"
+    assert tally["answers"] >= 10
+    assert tally["clients"]["clients"] > 0 and tally["clients"]["reconnects"] > 0
+    assert sum(tally["statuses"].values()) >= 10
+    assert result["rss_end"]["web"] > 0
