@@ -25,8 +25,23 @@ from tidechat.stream_bus import DELTA, GONE, STOPPED, UNAVAILABLE, StreamBus, du
 log = logging.getLogger(__name__)
 
 INTERNAL_ERROR = {"code": "internal_error", "message": "This answer could not be stored."}
-# Redis answered, but refuses writes: full (maxmemory) or a read-only replica.
-_REFUSED = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
+
+
+def refusal(exc: Exception) -> dict[str, str] | None:
+    """The error an answer ends with when Redis answered but refused the write, or None
+    for a blip worth retrying (no connection, a timeout, still loading its data).
+
+    Full (maxmemory) or a read-only replica is ``unavailable``; Redis 6 reports an OOM
+    inside a script as a plain script error, so the text is checked too.
+    """
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return None
+    text = str(exc)
+    if isinstance(exc, redis.exceptions.OutOfMemoryError | redis.exceptions.ReadOnlyError) or (
+        "OOM" in text or "READONLY" in text
+    ):
+        return UNAVAILABLE
+    return INTERNAL_ERROR
 
 
 class Outbox:
@@ -119,6 +134,10 @@ class StreamWriter:
             waiting, self._waiting = self._waiting, {}
             batches = []
             for box in waiting.values():
+                if box.stopped:  # failed or ended: what is still queued is never written
+                    box.pending = []
+                    box.idle.set()
+                    continue
                 box.seq += 1
                 batches.append(_Batch(box, box.seq, "".join(box.pending)))
                 box.pending = []
@@ -164,9 +183,10 @@ class StreamWriter:
         for batch, reply in zip(batches, replies, strict=True):
             box = batch.box
             if isinstance(reply, Exception):
-                if final or isinstance(reply, _REFUSED):
+                refused = refusal(reply)
+                if final or refused:
                     log.error("generation %s: Redis refused its text: %s", box.gid, reply)
-                    self._fail(box, UNAVAILABLE)
+                    self._fail(box, refused or UNAVAILABLE)
                 else:
                     log.warning("generation %s: appending failed (%s); retrying", box.gid, reply)
                     retry.append(batch)

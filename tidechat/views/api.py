@@ -258,9 +258,10 @@ def cancel_generation(gid: str):
     bus().request_cancel(gid)
     # Not started yet: end it here; the worker will find it finished and skip it. And if
     # Redis lost its state, nobody else can end it: end it here too.
-    # Its worker gone (no lease), or Redis lost its state: nobody else will end it.
+    # Its worker gone (no lease), or Redis lost the state of an answer no worker holds
+    # (the text of one that streams is the worker's: it ends that itself, state_lost).
     cancelled = {"finish_reason": "cancelled", "usage": None}
-    if bus().end_lost(gid, DONE, cancelled, models.CANCELLED):
+    if msg.status == models.QUEUED and bus().end_lost(gid, DONE, cancelled, models.CANCELLED):
         chat.record_end(s, msg, msg.content, models.CANCELLED, cancelled)
     elif (msg.status == models.QUEUED and bus().cancel_queued(gid)) or bus().reap(
         gid, cancelled, DONE, models.CANCELLED
