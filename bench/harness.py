@@ -107,7 +107,9 @@ class Stack:
             "PYTHONUNBUFFERED": "1",
         }
 
-    def start(self) -> Stack:
+    def start(self, proxy: bool = True) -> Stack:
+        """The model server, Tidechat's worker and web process, and (``proxy``) the direct
+        proxy they are measured against."""
         from tidechat import db
 
         self.redis.ping()
@@ -119,9 +121,10 @@ class Stack:
         self.procs["tidechat"] = start_gunicorn(
             "tidechat", "app:create_app()", env, self.rundir, "/api/conversations"
         )
-        self.procs["proxy"] = start_gunicorn(
-            "proxy", "bench.proxy:create_app()", env, self.rundir, "/health"
-        )
+        if proxy:
+            self.procs["proxy"] = start_gunicorn(
+                "proxy", "bench.proxy:create_app()", env, self.rundir, "/health"
+            )
         return self
 
     def stop(self) -> None:

@@ -49,9 +49,8 @@ from httpx_sse import SSEError, aconnect_sse
 
 from bench import metrics
 from bench.harness import OUTPUT, Options, Stack, machine
-from bench.limits import raise_nofile
 from bench.model_server import script_text
-from bench.procs import Proc, free_port, spawn, start_gunicorn, start_model_server, start_worker
+from bench.procs import Proc, free_port, spawn
 from bench.procs import wait_for as wait_for_proc
 
 FINAL = frozenset({"done", "error", "cancelled", "interrupted"})
@@ -179,18 +178,8 @@ class SoakRedis:
 class SoakStack(Stack):
     """The bench's stack without the direct proxy, on the soak's own Redis."""
 
-    def start(self) -> SoakStack:
-        from tidechat import db
-
-        self.redis.ping()
-        raise_nofile()
-        model = self.procs["model"] = start_model_server(dict(os.environ), self.rundir)
-        env = self.env(model.url)
-        db.upgrade(env["DATABASE_URL"])
-        self.procs["worker"] = start_worker(env, self.rundir, self.opts.worker_concurrency)
-        self.procs["tidechat"] = start_gunicorn(
-            "tidechat", "app:create_app()", env, self.rundir, "/api/conversations"
-        )
+    def start(self, proxy: bool = False) -> SoakStack:
+        super().start(proxy=proxy)
         return self
 
     def stop(self) -> None:  # the Redis is the soak's: nothing to clean up in it

@@ -13,12 +13,15 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import redis
+from sqlalchemy.engine import make_url
 
 from app import create_app
+from tests.lb_proxy import LoadBalancer
 from tests.model_server import ModelServer
 from tests.stack import Proc, WebProc, free_port, start_web, start_worker
 from tidechat import db
@@ -34,7 +37,6 @@ POSTGRES_URL = os.environ.get(
 @contextmanager
 def postgres_database() -> Iterator[str]:
     from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
 
     admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     name = f"tidechat_test_{uuid.uuid4().hex[:10]}"
@@ -50,6 +52,23 @@ def postgres_database() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def postgres_behind_proxy() -> Iterator[tuple[str, LoadBalancer]]:
+    """A database of the test's own on the machine's PostgreSQL, reached through a loopback
+    proxy the test can block, cut or stall (never the shared server itself). Request it
+    before any process that uses it: it must outlive them."""
+    with postgres_database() as url:
+        db.upgrade(url)
+        target = urlsplit(make_url(POSTGRES_URL).render_as_string(hide_password=False))
+        proxy = LoadBalancer([(target.hostname or "127.0.0.1", target.port or 5432)])
+        port = int(proxy.url.rsplit(":", 1)[1])
+        via_proxy = make_url(url).set(host="127.0.0.1", port=port)
+        try:
+            yield via_proxy.render_as_string(hide_password=False), proxy
+        finally:
+            proxy.close()
 
 
 @pytest.fixture(scope="session")

@@ -20,14 +20,11 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import redis
-from sqlalchemy.engine import make_url
 
-from tests.conftest import POSTGRES_URL, postgres_database
 from tests.faults import (
     Answer,
     PrivateRedis,
@@ -45,7 +42,6 @@ from tests.faults import (
     wait_streaming,
     wait_text,
 )
-from tests.lb_proxy import LoadBalancer
 from tidechat import db
 
 pytestmark = pytest.mark.e2e
@@ -73,22 +69,6 @@ def make_stack(process_env: dict[str, str], tmp_path: Path) -> Iterator:
         stack.stop()
 
 
-@pytest.fixture
-def postgres_proxy() -> Iterator[tuple[str, LoadBalancer]]:
-    """A database of the test's own on the machine's PostgreSQL, reached through a proxy the
-    test can block, cut or stall (request it before ``make_stack``: it must outlive it)."""
-    with postgres_database() as url:
-        db.upgrade(url)
-        target = urlsplit(make_url(POSTGRES_URL).render_as_string(hide_password=False))
-        proxy = LoadBalancer([(target.hostname or "127.0.0.1", target.port or 5432)])
-        port = int(proxy.url.rsplit(":", 1)[1])
-        via_proxy = make_url(url).set(host="127.0.0.1", port=port)
-        try:
-            yield via_proxy.render_as_string(hide_password=False), proxy
-        finally:
-            proxy.close()
-
-
 # -- helpers -----------------------------------------------------------------------------------
 def wait_clients(stack: Stack, answers: list[Answer], timeout: float) -> float:
     """Until every client of these answers has ended; the seconds it took."""
@@ -102,7 +82,12 @@ def wait_clients(stack: Stack, answers: list[Answer], timeout: float) -> float:
     return time.monotonic() - started
 
 
-def assert_all_done_exactly(stack: Stack, answers: list[Answer], views: dict[str, dict]) -> None:
+def assert_all_done_exactly(
+    stack: Stack, http: httpx.Client, answers: list[Answer], timeout: float = 30
+) -> None:
+    """Every answer ends, every client saw what is stored, and it is the whole script."""
+    wait_all_final(http, list({a.cid for a in answers}), timeout=timeout)
+    views = check_clients(http, answers, stack)
     wrong = {
         a.gid: (outcome_of_view(views[a.gid]), views[a.gid]["text"])
         for a in answers
@@ -202,9 +187,7 @@ def test_redis_down_5s_with_aof_every_answer_ends_done_exactly(make_stack, model
 
     took = wait_clients(stack, answers, timeout=25)
     print(f"every client ended {took:.1f} s after Redis was back")
-    wait_all_final(http, [a.cid for a in answers], timeout=30)
-    views = check_clients(http, answers, stack)
-    assert_all_done_exactly(stack, answers, views)
+    assert_all_done_exactly(stack, http, answers, timeout=30)
     assert_resumed([a.followers[1] for a in answers])
     assert_no_worker_lost(stack)
     assert_new_message_works(stack, http, model_server, answers[0].cid)
@@ -237,9 +220,7 @@ def test_client_opening_while_redis_is_down_is_served_once_it_is_back(make_stack
         f"{first} s after Redis was back: {patient.describe()}\n{stack.evidence()}"
     )
     wait_clients(stack, answers, timeout=20)
-    wait_all_final(http, [answer.cid], timeout=30)
-    views = check_clients(http, answers, stack)
-    assert_all_done_exactly(stack, answers, views)
+    assert_all_done_exactly(stack, http, answers, timeout=30)
 
 
 # -- 3. Redis paused ---------------------------------------------------------------------------
@@ -259,9 +240,7 @@ def test_redis_paused_5s_every_answer_ends_done_exactly(make_stack, model_server
 
     took = wait_clients(stack, answers, timeout=25)
     print(f"every client ended {took:.1f} s after Redis was resumed")
-    wait_all_final(http, [a.cid for a in answers], timeout=30)
-    views = check_clients(http, answers, stack)
-    assert_all_done_exactly(stack, answers, views)
+    assert_all_done_exactly(stack, http, answers, timeout=30)
     assert_resumed([a.followers[1] for a in answers[:3]])
     assert_no_worker_lost(stack)
     assert_new_message_works(stack, http, model_server, answers[0].cid)
@@ -379,9 +358,9 @@ def test_queued_answer_whose_task_vanished_ends_queue_timeout(make_stack, model_
 
 # -- 7. PostgreSQL refusing connections as answers finish -----------------------------------------
 def test_postgres_refusing_as_answers_finish_all_end_done_exactly(
-    postgres_proxy, make_stack, model_server
+    postgres_behind_proxy, make_stack, model_server
 ):
-    url, proxy = postgres_proxy
+    url, proxy = postgres_behind_proxy
     stack = make_stack(database_url=url)
     http = stack.http()
     answers = start_answers(stack, http, model_server, n=6, chunks=30, delay=0.15, stem="pgoff")
@@ -395,17 +374,15 @@ def test_postgres_refusing_as_answers_finish_all_end_done_exactly(
     wait_clients(stack, answers, timeout=30)
     shown = {f.name: outcome_of_event(f.terminal) for a in answers for f in a.followers}
     assert set(shown.values()) == {"done"}, (shown, stack.evidence())
-    wait_all_final(http, [a.cid for a in answers], timeout=30)
-    views = check_clients(http, answers, stack)
-    assert_all_done_exactly(stack, answers, views)
+    assert_all_done_exactly(stack, http, answers, timeout=30)
     assert_new_message_works(stack, http, model_server, answers[0].cid)
 
 
 # -- 8. PostgreSQL stalled (a blackhole) as answers finish ----------------------------------------
 def test_postgres_stalled_as_answers_finish_all_end_done_exactly(
-    postgres_proxy, make_stack, model_server
+    postgres_behind_proxy, make_stack, model_server
 ):
-    url, proxy = postgres_proxy
+    url, proxy = postgres_behind_proxy
     stack = make_stack(database_url=url)
     http = stack.http()
     answers = start_answers(stack, http, model_server, n=6, chunks=30, delay=0.15, stem="pgstall")
@@ -418,9 +395,7 @@ def test_postgres_stalled_as_answers_finish_all_end_done_exactly(
     wait_clients(stack, answers, timeout=30)
     shown = {f.name: outcome_of_event(f.terminal) for a in answers for f in a.followers}
     assert set(shown.values()) == {"done"}, (shown, stack.evidence())
-    wait_all_final(http, [a.cid for a in answers], timeout=30)
-    views = check_clients(http, answers, stack)
-    assert_all_done_exactly(stack, answers, views)
+    assert_all_done_exactly(stack, http, answers, timeout=30)
     assert_no_worker_lost(stack)
     assert_new_message_works(stack, http, model_server, answers[0].cid)
 
@@ -455,7 +430,5 @@ def test_huge_cursor_is_400_and_does_not_stall_other_streams(make_stack, model_s
     gaps = watcher.gaps()
     print(f"{asked} bad cursors; largest gap of the other stream {max(gaps or [0]):.2f} s")
     assert gaps and max(gaps) < 1.0, (max(gaps), stack.evidence())
-    wait_all_final(http, [answer.cid], timeout=10)
-    views = check_clients(http, answers, stack)
-    assert_all_done_exactly(stack, answers, views)
+    assert_all_done_exactly(stack, http, answers, timeout=10)
     assert_new_message_works(stack, http, model_server, answer.cid)

@@ -10,16 +10,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 import redis
-from sqlalchemy.engine import make_url
 
-from tests.conftest import postgres_database
-from tests.lb_proxy import LoadBalancer
 from tests.stack import free_port
-from tidechat import db
 from tidechat.embedded import start_redis
 
 
@@ -82,22 +77,6 @@ def test_redis_down_503_and_the_chat_is_not_stuck(make_app, private_redis):
         private_redis.start()
         response = client.post(f"/api/conversations/{cid}/messages", json={"content": "again"})
         assert response.status_code == 202, response.get_data(as_text=True)
-
-
-@pytest.fixture
-def postgres_behind_proxy() -> Iterator[tuple[str, LoadBalancer]]:
-    from tests.conftest import POSTGRES_URL
-
-    with postgres_database() as url:
-        db.upgrade(url)
-        target = urlsplit(make_url(POSTGRES_URL).render_as_string(hide_password=False))
-        proxy = LoadBalancer([(target.hostname or "127.0.0.1", target.port or 5432)])
-        port = int(proxy.url.rsplit(":", 1)[1])
-        via_proxy = make_url(url).set(host="127.0.0.1", port=port)
-        try:
-            yield via_proxy.render_as_string(hide_password=False), proxy
-        finally:
-            proxy.close()
 
 
 def test_database_down_503_then_back(make_app, postgres_behind_proxy):
