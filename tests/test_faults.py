@@ -24,7 +24,9 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from sqlalchemy.engine import make_url
 
+from tests.conftest import POSTGRES_URL
 from tests.faults import (
     Answer,
     PrivateRedis,
@@ -375,6 +377,30 @@ def test_postgres_refusing_as_answers_finish_all_end_done_exactly(
     shown = {f.name: outcome_of_event(f.terminal) for a in answers for f in a.followers}
     assert set(shown.values()) == {"done"}, (shown, stack.evidence())
     assert_all_done_exactly(stack, http, answers, timeout=30)
+    assert_new_message_works(stack, http, model_server, answers[0].cid)
+
+
+# -- 7b. the database out of reach as the worker starts an answer ----------------------------
+def test_answers_whose_worker_cannot_reach_the_database_at_start_are_retried(
+    postgres_behind_proxy, make_stack, model_server
+):
+    """Before: a task that failed before streaming was never retried; its clients hung."""
+    url, proxy = postgres_behind_proxy
+    direct = make_url(url).set(
+        host=make_url(POSTGRES_URL).host or "127.0.0.1", port=make_url(POSTGRES_URL).port or 5432
+    ).render_as_string(hide_password=False)
+    stack = make_stack(database_url=direct)  # the web reaches it; the worker goes through
+    stack.workers.pop().stop(signal.SIGKILL)  # the proxy, below
+    http = stack.http()
+    answers = start_answers(stack, http, model_server, n=4, chunks=10, delay=0.05, stem="late")
+    proxy.block()
+    stack.start_worker(name="worker-cut-off", DATABASE_URL=url)
+    time.sleep(4)  # its tasks fail to start, and are retried with back-off
+    proxy.unblock()
+
+    wait_clients(stack, answers, timeout=45)
+    assert_all_done_exactly(stack, http, answers, timeout=30)
+    assert "could not start" in stack.evidence("could not start")
     assert_new_message_works(stack, http, model_server, answers[0].cid)
 
 

@@ -105,7 +105,14 @@ def finalize(config: dict[str, Any]) -> None:
         # Cancel goes through Redis flags, not Celery's remote control: no pidbox to keep.
         "worker_enable_remote_control": False,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"global_keyprefix": config["KEY_PREFIX"] + "celery:"},
+        "broker_transport_options": {
+            "global_keyprefix": config["KEY_PREFIX"] + "celery:",
+            # Tasks are acknowledged as they start, so only a task a worker had reserved
+            # but not started waits this long for redelivery after that worker is killed
+            # (kombu's default, an hour, left its chat waiting an hour). Delivering one
+            # twice is harmless: only one run can claim a generation.
+            "visibility_timeout": 300,
+        },
     }
 
 
