@@ -136,7 +136,7 @@ class SoakRedis:
         if self.aof:
             _set_arg(argv, "--appendfsync", "everysec")
         else:
-            _set_arg(argv, "--save", "")
+            argv += ["--save", ""]  # after the embedded "--save 60 1": clears every point
         return argv
 
     def start(self, timeout: float = 120) -> float:

@@ -275,25 +275,34 @@ class StreamHub:
                 sub._mark("finished")
             else:
                 last_id = id_tuple(last[0][0].decode()) if last else (0, 0)
-                self._watch(sub, min(sub.cursor, last_id))
+                try:
+                    self._watch(sub, min(sub.cursor, last_id))
+                except Exception:  # Redis went away mid-way: admit the rest once it is back
+                    with self._lock:
+                        self._pending[:0] = pending[i:]
+                    raise
 
     def _watch(self, sub: Subscription, start: tuple[int, int]) -> None:
         """Follow the sub's stream from ``start`` (never past the stream's real end)."""
         key = self._bus.k(sub.gid).stream
         cursor = "{}-{}".format(*start)
+        # Only this thread reads and delivers, so the stream's cursor cannot move between
+        # the backfill and joining its subscribers. Backfill first: if it fails, the sub
+        # has joined nothing, and is admitted again (joined, it would skip the gap).
         with self._lock:
             watched = self._watched.get(key)
-            if watched is None:
-                self._watched[key] = _Watched(cursor=cursor, subs={sub})
-                backfill_to = None
-            else:
-                watched.subs.add(sub)
-                backfill_to = watched.cursor if start < id_tuple(watched.cursor) else None
-        sub._mark("live")
+            backfill_to = watched.cursor if watched and start < id_tuple(watched.cursor) else None
+        frames = []
         if backfill_to is not None:
             # Others are already further along this stream: replay the gap for this one.
             raw = self._reader.xrange(key, min=f"({cursor}", max=backfill_to)
-            sub._deliver([encode_entry(parse_entry(i, f)) for i, f in raw])
+            frames = [encode_entry(parse_entry(i, f)) for i, f in raw]
+        with self._lock:
+            watched = self._watched.setdefault(key, _Watched(cursor=cursor))
+            watched.subs.add(sub)
+        sub._mark("live")
+        if frames:
+            sub._deliver(frames)
 
     def _read_once(self) -> None:
         with self._lock:
