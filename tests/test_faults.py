@@ -119,9 +119,13 @@ def test_redis_restarted_empty_ends_open_streams_with_state_lost(make_stack, mod
     stack = make_stack()
     http = stack.http()
     answers = start_answers(stack, http, model_server, n=6, chunks=40, delay=0.15, stem="lost")
+    for a in answers:  # a second client of each, whose network drops in the outage
+        a.followers.append(stack.follow(http, a.gen, name=a.followers[0].name + "-cut"))
     wait_streaming(answers, deltas=5)
 
     stack.redis.kill()
+    for a in answers:
+        a.followers[1].cut()  # comes back with its cursor to a stream Redis no longer has
     time.sleep(1)
     stack.redis.start()  # same port and directory, no AOF, no RDB: it comes back empty
     restarted = time.monotonic()
@@ -133,6 +137,10 @@ def test_redis_restarted_empty_ends_open_streams_with_state_lost(make_stack, mod
     assert last_end - restarted < 15
     shown = {f.name: outcome_of_event(f.terminal) for a in answers for f in a.followers}
     assert set(shown.values()) == {"error:state_lost"}, (shown, stack.evidence())
+    # Before: a client that came back before the answer was ended got 204, which stops
+    # EventSource for good, while the answer was still "streaming".
+    answered = {o for a in answers for f in a.followers for _, o, _ in f.attempts}
+    assert "204" not in answered, answered
 
     wait_all_final(http, [a.cid for a in answers], timeout=30)
     views = check_clients(http, answers, stack)

@@ -47,11 +47,17 @@ def encode_entry(entry: Entry) -> Frame:
 class Subscription:
     """One client's view of one generation's stream."""
 
-    __slots__ = ("gid", "cursor", "status", "_hub", "_frames", "_lock", "_ready", "_wakeup")
+    __slots__ = (
+        "gid", "cursor", "status", "await_stream", "_hub", "_frames", "_lock", "_ready",
+        "_wakeup",
+    )  # fmt: skip
 
-    def __init__(self, hub: StreamHub, gid: str, cursor: str) -> None:
+    def __init__(self, hub: StreamHub, gid: str, cursor: str, await_stream: bool) -> None:
         self.gid = gid
         self.cursor = id_tuple(cursor)
+        # With no stream in Redis: wait for one (the answer is not over, and whoever ends
+        # it writes a terminal event), rather than "missing".
+        self.await_stream = await_stream
         # then "live", "finished" (cursor at/after the end) or "missing"; "ended" once the
         # terminal event is delivered; "drained" if this process stops first
         self.status = "pending"
@@ -166,8 +172,8 @@ class StreamHub:
         self._last_reap = time.monotonic()
 
     # -- public API ---------------------------------------------------------------
-    def subscribe(self, gid: str, cursor: str = "0") -> Subscription:
-        sub = Subscription(self, gid, cursor)
+    def subscribe(self, gid: str, cursor: str = "0", await_stream: bool = False) -> Subscription:
+        sub = Subscription(self, gid, cursor, await_stream)
         self._ensure_started()
         with self._lock:
             self._pending.append(sub)
@@ -269,7 +275,7 @@ class StreamHub:
             raise
         for i, sub in enumerate(pending):
             terminal_id, exists, last = replies[3 * i : 3 * i + 3]
-            if not exists:
+            if not exists and not sub.await_stream:
                 sub._mark("missing")
             elif terminal_id is not None and sub.cursor >= id_tuple(terminal_id.decode()):
                 sub._mark("finished")

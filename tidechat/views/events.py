@@ -49,18 +49,20 @@ def generation_events(gid: str):
     hub = get_hub()
     if hub.draining:
         return _stream(iter(()), _DRAIN_RETRY_MS)
-    sub = hub.subscribe(gid, cursor)
+    # An unfinished answer whose stream Redis lost gets a terminal event soon (its worker
+    # or the sweeper writes one): wait for it. A 204 would stop EventSource for good.
+    sub = hub.subscribe(gid, cursor, await_stream=msg.status not in models.FINAL_STATUSES)
     if not sub.wait_ready(30):
         sub.close()
         raise ApiError(503, "unavailable", "The event stream is unavailable; retry shortly.")
     if sub.status == "finished":
         sub.close()
         return Response(status=204)  # EventSource stops reconnecting on 204
-    if sub.status == "missing":
+    if sub.status == "missing":  # a finished answer whose stream expired: the stored one
         sub.close()
-        if msg.status not in models.FINAL_STATUSES or id_tuple(cursor) >= id_tuple(_DB_END_ID):
+        if id_tuple(cursor) >= id_tuple(_DB_END_ID):
             return Response(status=204)
-        return _stream(_from_database(msg, cursor))  # the stream expired: the stored answer
+        return _stream(_from_database(msg, cursor))
     interval = float(current_app.config["PING_INTERVAL"])
     return _stream(_tail(sub, interval), first=ping(interval))
 
