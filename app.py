@@ -9,7 +9,7 @@ import click
 import redis
 from flask import Flask
 
-from tidechat import db, errors, rate_limit
+from tidechat import db, errors, rate_limit, security
 from tidechat.config import INSTANCE_DIR, finalize, load_config
 from tidechat.redis_keys import RedisKeys
 from tidechat.stream_bus import StreamBus
@@ -31,6 +31,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     )
 
     errors.register(app)
+    security.init_app(app)  # first: its checks run before any other (the rate limiter's)
     db.init_app(app)
     init_redis(app)
     rate_limit.init_app(app)

@@ -13,6 +13,7 @@ The web process and the Celery worker both build their config here, through
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,11 @@ DEFAULTS: dict[str, Any] = {
     "MAX_CONTENT_LENGTH": 1024 * 1024,  # bytes of a request body
     "MAX_MESSAGE_CHARS": 32_000,  # characters of one user message (413 past it)
     "RATE_LIMIT_MESSAGES": "30/minute;1000/day",  # answers one identity may start (429 past it)
+    # Public deployment (tidechat/security.py)
+    # Proxies in front that set X-Forwarded-For/-Proto/-Host (ProxyFix): 0 trusts none;
+    # Heroku's router is 1. More than really sit in front lets clients forge their address.
+    "TRUSTED_PROXIES": 0,
+    "FORCE_HTTPS": False,  # redirect plain-HTTP GET/HEAD to https (308), refuse the rest (403)
     # Redis layout and stream lifetime
     "KEY_PREFIX": "tidechat:",
     "STREAM_TTL": 3600,  # seconds a finished generation's stream stays replayable
@@ -129,10 +135,15 @@ def _instance_secret() -> str:
     path = INSTANCE_DIR / "secret_key"
     if not path.exists():
         INSTANCE_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}")
-        tmp.write_text(os.urandom(32).hex())
-        tmp.chmod(0o600)
-        try:  # atomic: web and worker may start at once, and only one key may win
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        # Created 0600 (never readable by others, not even for a moment), and only by us.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_hex(32))
+                out.flush()
+                os.fsync(out.fileno())  # a crash never leaves an empty key in place
+            # atomic: web and worker may start at once, and only one key may win
             os.link(tmp, path)
         except FileExistsError:
             pass

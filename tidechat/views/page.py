@@ -34,8 +34,6 @@ def index():
         200,
         {
             "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-            "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "same-origin",
-            "Cache-Control": "no-cache",
+            "Cache-Control": "no-cache",  # the other headers: tidechat/security.py
         },
     )

@@ -1,0 +1,168 @@
+"""The HTTP surface's defences for a public URL: proxy handling, HTTPS, CSRF, headers.
+
+- **Behind a proxy** (``TRUSTED_PROXIES`` > 0; Heroku's router is one): werkzeug's
+  ``ProxyFix`` takes the client's address and scheme from that many
+  ``X-Forwarded-*`` hops, so ``request.is_secure`` is true behind an HTTPS front end. Never
+  set it higher than the number of proxies really in front: a client could then forge them.
+- **HTTPS**: on a secure request the session cookie is ``Secure`` (decided per request by
+  :class:`SessionInterface`, as one process may see both) and responses carry HSTS. With
+  ``FORCE_HTTPS``, plain-HTTP GET/HEAD are redirected (308) and other methods refused.
+- **CSRF, in depth** (the cookie's SameSite=Lax does not stop a *same-site* page): an unsafe
+  method is refused (403 ``cross_site``) when the browser says, by ``Sec-Fetch-Site``, that
+  another site sent it, or, from browsers without that header, when its ``Origin`` is not
+  this server's own. Requests with neither header (curl, server-side SDKs) are no browser's
+  and pass. And an unsafe ``/api`` request with a body must send JSON (415 otherwise):
+  a cross-site HTML form can post only form, multipart or text bodies.
+- **Headers on every response** (the API, the event stream, static files, error pages):
+  ``nosniff``, ``Referrer-Policy``, ``X-Frame-Options``, and ``Cache-Control: no-store`` on
+  ``/api`` responses that set no caching of their own (the event stream keeps its
+  ``no-cache, no-transform``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import Flask, Response, has_request_context, jsonify, redirect, request
+from flask.sessions import SecureCookieSessionInterface
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from tidechat.errors import error_body
+
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Sec-Fetch-Site values of a request this server's own page (or the user, by typing the
+# URL or a bookmark) made; "same-site" is a sibling subdomain, which SameSite=Lax trusts.
+ALLOWED_FETCH_SITES = frozenset({"same-origin", "none"})
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "X-Frame-Options": "DENY",
+}
+HSTS = "max-age=31536000; includeSubDomains"
+API_PREFIX = "/api/"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_FALSE = {"", "0", "false", "no", "off"}
+_TRUE = {"1", "true", "yes", "on"}
+
+
+class SessionInterface(SecureCookieSessionInterface):
+    """Flask's signed-cookie sessions, with ``Secure`` set on every cookie sent over HTTPS.
+
+    ``SESSION_COOKIE_SECURE`` is one value for the whole app; this decides per request
+    (from ``request.is_secure``, after ProxyFix), without changing shared config.
+    """
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        if app.config["SESSION_COOKIE_SECURE"]:
+            return True
+        return has_request_context() and request.is_secure
+
+
+def init_app(app: Flask) -> None:
+    proxies = trusted_proxies(app.config.get("TRUSTED_PROXIES", 0))
+    force_https = flag("FORCE_HTTPS", app.config.get("FORCE_HTTPS", False))
+    app.config["TRUSTED_PROXIES"], app.config["FORCE_HTTPS"] = proxies, force_https
+    if proxies:
+        # Not X-Forwarded-Host: Heroku's router keeps the Host header and does not set it,
+        # so trusting it would let any client choose the host this app believes it has.
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=proxies, x_proto=proxies
+        )
+    app.session_interface = SessionInterface()
+
+    @app.before_request
+    def _guard():
+        if force_https and not request.is_secure:
+            return _to_https()
+        if request.method in UNSAFE_METHODS:
+            if is_cross_site():
+                return _error(
+                    403, "cross_site", "Cross-site requests are refused; use this site's own page."
+                )
+            if _needs_json() and _has_body() and not request.is_json:
+                return _error(
+                    415, "unsupported_media_type", "Send JSON (Content-Type: application/json)."
+                )
+        return None
+
+    @app.after_request
+    def _headers(response: Response) -> Response:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        if request.path.startswith(API_PREFIX) and "Cache-Control" not in response.headers:
+            response.headers["Cache-Control"] = "no-store"  # private data
+        if request.is_secure:
+            response.headers.setdefault("Strict-Transport-Security", HSTS)
+        return response
+
+
+def is_cross_site() -> bool:
+    """Whether a browser sent this request from another site (or another origin)."""
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None:
+        return fetch_site.strip().lower() not in ALLOWED_FETCH_SITES
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False  # no browser's request (or one too old to say): SameSite still holds
+    theirs = _origin_key(origin)  # "null" (sandboxed, privacy redirects) is never ours
+    return theirs is None or theirs != _origin_key(f"{request.scheme}://{request.host}")
+
+
+def _origin_key(origin: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of a serialized origin, ports made explicit; None if it is
+    not one (``null``, garbage)."""
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), parts.hostname
+    if scheme not in _DEFAULT_PORTS or not host or parts.path not in ("", "/"):
+        return None
+    return scheme, host, port or _DEFAULT_PORTS[scheme]
+
+
+def _needs_json() -> bool:
+    # Routing failed: its own 404 or 405 says more than a 415 would.
+    return request.path.startswith(API_PREFIX) and request.routing_exception is None
+
+
+def _has_body() -> bool:
+    length = request.content_length
+    if length is None:  # chunked (or unsized): look, within MAX_CONTENT_LENGTH
+        return bool(request.get_data(cache=True))
+    return length > 0
+
+
+def _to_https():
+    if request.method in ("GET", "HEAD"):
+        return redirect("https://" + request.url.split("://", 1)[1], code=308)
+    return _error(403, "https_required", "This server accepts only HTTPS requests.")
+
+
+def _error(status: int, code: str, message: str):
+    response = jsonify(error_body(code, message))
+    response.status_code = status
+    return response
+
+
+def trusted_proxies(value: Any) -> int:
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = -1
+    if count < 0 or isinstance(value, bool) or (isinstance(value, float) and value != count):
+        raise ValueError(f"TIDECHAT_TRUSTED_PROXIES must be a whole number >= 0, not {value!r}")
+    return count
+
+
+def flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"TIDECHAT_{name} must be true or false, not {value!r}")
