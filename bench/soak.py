@@ -578,6 +578,7 @@ class Soak:
         snap = await self.get_json(answer, f"/api/generations/{answer.gid}", deadline)
         if snap is not None and snap["status"] in FINAL:
             c.end, c.end_code = snap["status"], (snap.get("error") or {}).get("code")
+            c.parts = [snap["text"]]  # the page shows the stored text (stream.js settle())
         else:
             c.end = "no_end:204"
 

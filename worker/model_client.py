@@ -32,9 +32,12 @@ ModelEvent = TextDelta | Finish | Usage
 
 
 class UpstreamError(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, detail: str = "") -> None:
         super().__init__(message)
         self.code, self.message = code, message
+        # The model server's own words: for the operator's log only. Users get a fixed
+        # message per code (a gateway's error body may hold internal detail).
+        self.detail = detail
 
     def payload(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
@@ -193,11 +196,17 @@ def classify(exc: BaseException, mid_stream: bool = False, backend: str = "") ->
         return UpstreamError("model_not_found", "The model server does not know this model.")
     if isinstance(exc, openai.APIStatusError):
         return UpstreamError(
-            "upstream_error", f"The model server answered HTTP {exc.status_code}: {_detail(exc)}"
+            "upstream_error",
+            f"The model server failed to answer (HTTP {exc.status_code}); try again in a moment.",
+            f"HTTP {exc.status_code}: {_detail(exc)}",
         )
     if isinstance(exc, openai.APIError) and not isinstance(exc, openai.APIConnectionError):
         # an {"error": ...} event in the middle of the stream
-        return UpstreamError("upstream_error", f"The model server reported: {_detail(exc)}")
+        return UpstreamError(
+            "upstream_error",
+            "The model server failed in the middle of the answer; try again.",
+            f"error event: {_detail(exc)}",
+        )
     return UpstreamError(
         "upstream_disconnected",
         f"The connection to the model server broke mid-answer ({type(exc).__name__}).",

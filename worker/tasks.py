@@ -210,6 +210,9 @@ class Generation:
                         usage = event.usage
         except UpstreamError as exc:
             error = exc
+            # %r: the model server's text can hold newlines that would forge log lines
+            log.warning("generation %s: %s from the model server: %r", self.gid, exc.code,
+                        exc.detail or exc.message)  # fmt: skip
         overdue = lease.overdue(time.monotonic()) if lease.timed_out.is_set() else None
         writer.drain(outbox)
 
