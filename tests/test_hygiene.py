@@ -97,8 +97,26 @@ def body_routes(cid: str) -> list[tuple[str, str]]:
     ]
 
 
-@pytest.mark.parametrize("body", DEEP_BODIES.values(), ids=DEEP_BODIES.keys())
-def test_deeply_nested_body_is_400(client, body):
+UNPARSEABLE_BODIES = {
+    **DEEP_BODIES,
+    # not UTF-8
+    "bad_utf8": b'{"content": "\xff\xfe"}',
+    "utf8_surrogate": b'{"content": "\xed\xa0\xbc"}',  # a surrogate, UTF-8-encoded
+    "truncated_utf8": b'{"title": "\xc3"}',
+    "utf16": b"\xff\xfe{\x00}\x00",
+    "bad_utf8_model": b'{"content": "hi", "model": "\x80"}',
+    # not JSON as the standard defines it
+    "nan": b'{"temperature": NaN}',
+    "infinity": b'{"temperature": Infinity}',
+    "minus_infinity": b'{"temperature": -Infinity}',
+    "huge_int": b'{"temperature": ' + b"9" * 5000 + b"}",  # past Python's int digits limit
+    "unclosed_object": b"{",
+    "raw_nul": b'{"content": "raw \x00 nul"}',
+}
+
+
+@pytest.mark.parametrize("body", UNPARSEABLE_BODIES.values(), ids=UNPARSEABLE_BODIES.keys())
+def test_unparseable_body_is_400(client, body):
     cid = new_conversation(client)
     for method, url in body_routes(cid):
         error_of(post_json_text(client, url, body, method), 400, "invalid_json")
@@ -167,41 +185,6 @@ def test_surrogate_pairs_and_other_unicode_are_fine(client):
     assert response.status_code == 202, response.get_data(as_text=True)
     conv = client.get(f"/api/conversations/{cid}").get_json()
     assert conv["messages"][0]["content"] == "\U0001f30a"
-
-
-@pytest.mark.parametrize(
-    "body",
-    [
-        b'{"content": "\xff\xfe"}',
-        b'{"content": "\xed\xa0\xbc"}',  # a surrogate, UTF-8-encoded: not UTF-8
-        b'{"title": "\xc3"}',
-        b"\xff\xfe{\x00}\x00",  # UTF-16
-        b'{"content": "hi", "model": "\x80"}',
-    ],
-)
-def test_invalid_utf8_body_is_400(client, body):
-    cid = new_conversation(client)
-    for method, url in body_routes(cid):
-        error_of(post_json_text(client, url, body, method), 400, "invalid_json")
-    assert_untouched(client, cid)
-
-
-@pytest.mark.parametrize(
-    "body",
-    [
-        b'{"temperature": NaN}',
-        b'{"temperature": Infinity}',
-        b'{"temperature": -Infinity}',
-        b'{"temperature": ' + b"9" * 5000 + b"}",  # past Python's int digits limit
-        b"{",
-        b'{"content": "raw \x00 nul"}',
-    ],
-)
-def test_odd_json_is_400(client, body):
-    cid = new_conversation(client)
-    for method, url in body_routes(cid):
-        error_of(post_json_text(client, url, body, method), 400, "invalid_json")
-    assert_untouched(client, cid)
 
 
 def test_huge_numbers_are_refused_by_the_fields_rules(client):
