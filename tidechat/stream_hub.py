@@ -25,7 +25,7 @@ import redis
 from tidechat.recovery import Sightings
 from tidechat.redis_keys import RedisKeys
 from tidechat.sse import ServerSentEvent
-from tidechat.stream_bus import WORKER_LOST, Entry, StreamBus, id_tuple, parse_entry
+from tidechat.stream_bus import RUNNING, WORKER_LOST, Entry, StreamBus, id_tuple, parse_entry
 
 log = logging.getLogger(__name__)
 
@@ -352,18 +352,12 @@ class StreamHub:
                 for w in self._watched.values()
                 if w.subs and now - w.last_activity >= self._lease_ttl
             ]
-        suspects = set()
-        if quiet:
-            with self._reader.pipeline(transaction=False) as pipe:
-                for gid in quiet:
-                    pipe.hget(self._bus.k(gid).meta, "state")
-                    pipe.exists(self._bus.k(gid).lease)
-                replies = pipe.execute()
-            suspects = {
-                gid
-                for i, gid in enumerate(quiet)
-                if replies[2 * i] == b"running" and not replies[2 * i + 1]
-            }
+        states = self._bus.states(quiet) if quiet else []
+        suspects = {
+            gid
+            for gid, (meta, leased) in zip(quiet, states, strict=True)
+            if meta.get("state") == RUNNING and not leased
+        }
         self._unleased.keep(suspects)
         calm = self._ok_since is not None and now - self._ok_since >= self._unleased.grace
         for gid in suspects:
