@@ -1,6 +1,7 @@
-# Sourced by bin/dev and bin/test: make .venv and install the project with the given extras.
-# Reinstalls only when pyproject.toml, the extras or the llama.cpp build options change, so
-# a second run starts at once.
+# Sourced by bin/dev and bin/test: make .venv and install the project with the given extras,
+# every dependency from the hash-checked locks (requirements.txt, requirements-dev.txt: see
+# scripts/lock). Reinstalls only when a lock, pyproject.toml, the extras or this file (so the
+# llama.cpp build options) change, so a second run starts at once.
 
 # The local model's llama.cpp is built for any x86-64-v3 CPU (AVX2, FMA, F16C), never for
 # "this" one: llama-cpp-python's default (GGML_NATIVE) uses whatever the build machine has,
@@ -37,6 +38,11 @@ ensure_llama() {
   .venv/bin/python -m pip install -q --no-deps --force-reinstall "$cache"/llama_cpp_python-*.whl
 }
 
+# ensure_venv EXTRAS: "" installs the production lock alone; any extras ("local,dev" for bin/dev
+# and bin/test) install requirements-dev.txt on top, which holds both extras (so also the
+# local model, whose llama-cpp-python ensure_llama builds: the lock leaves it out). Every
+# package comes from a lock with --require-hashes and --no-deps (the locks are complete; pip
+# check proves it after), then the project itself goes in editable, again with --no-deps.
 ensure_venv() {
   local extras=$1 python=${PYTHON:-}
   if [ -z "$python" ]; then
@@ -46,14 +52,24 @@ ensure_venv() {
     echo "tidechat: creating .venv with $python" >&2
     "$python" -m venv .venv
   fi
+  local locks=(requirements.txt)
+  [ -z "$extras" ] || locks+=(requirements-dev.txt)
   local stamp=.venv/.tidechat-installed
   local want
-  want="$(sha256sum pyproject.toml | cut -c1-16) [$extras] $(sha256sum bin/_venv.sh | cut -c1-16)"
+  want="[$extras] $(sha256sum pyproject.toml bin/_venv.sh "${locks[@]}" | cut -c1-16 | tr '\n' ' ')"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "tidechat: installing .[$extras]" >&2
+    echo "tidechat: installing .[$extras] from ${locks[*]}" >&2
+    rm -f "$stamp"
     .venv/bin/python -m pip install -q --upgrade pip
-    case ",$extras," in *,local,*) ensure_llama ;; esac
-    .venv/bin/python -m pip install -q -e ".[$extras]"
+    [ -z "$extras" ] || ensure_llama
+    .venv/bin/python -m pip install -q --require-hashes --no-deps "${locks[@]/#/--requirement=}"
+    .venv/bin/python -m pip install -q --no-deps -e .
+    local broken
+    if ! broken=$(.venv/bin/python -m pip check); then
+      echo "$broken" >&2
+      echo "tidechat: .venv does not fit together: re-lock (scripts/lock) or rm -rf .venv" >&2
+      return 1
+    fi
     echo "$want" > "$stamp"
   fi
 }
