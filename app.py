@@ -9,11 +9,11 @@ import click
 import redis
 from flask import Flask
 
-from tidechat import db, errors, rate_limit, security
+from tidechat import accounts, db, errors, limits, oidc, security
 from tidechat.config import INSTANCE_DIR, finalize, load_config
 from tidechat.redis_keys import RedisKeys
 from tidechat.stream_bus import StreamBus
-from tidechat.views import api, events, page
+from tidechat.views import api, auth, events, page
 from worker import celery_init_app
 
 
@@ -34,18 +34,29 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     security.init_app(app)  # first: its checks run before any other (the rate limiter's)
     db.init_app(app)
     init_redis(app)
-    rate_limit.init_app(app)
+    accounts.init_app(app)  # before the limiter: a request with no sign-in stops here
+    limits.init_app(app)
+    oidc.init_app(app)
     celery_init_app(app)
 
     app.register_blueprint(page.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(events.bp)
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(auth.admin_bp)
 
     @app.cli.command("init-db")
     def init_db() -> None:
         """Create or migrate the database schema (the Procfile's release step)."""
         db.upgrade(app.config["DATABASE_URL"])
         click.echo("database is at the latest revision")
+
+    @app.cli.command("invite")
+    def invite() -> None:
+        """Print a one-time sign-up code (for TIDECHAT_AUTH_MODE=invite)."""
+        with app.test_request_context():
+            code = accounts.create_invite(db.session(), None)
+        click.echo(code)
 
     return app
 

@@ -31,6 +31,7 @@ import redis
 from bench import metrics
 from bench.limits import raise_nofile
 from bench.procs import ROOT, Proc, start_gunicorn, start_model_server, start_worker
+from tidechat import limits
 
 OUTPUT = ROOT / "bench" / "output"
 TARGETS = tuple(os.environ.get("BENCH_TARGETS", "proxy,tidechat").split(","))
@@ -98,7 +99,10 @@ class Stack:
             "TIDECHAT_KEY_PREFIX": self.prefix,
             "TIDECHAT_CELERY_QUEUE": self.prefix + "generate",
             "TIDECHAT_RATELIMIT_ENABLED": "false",  # Flask-Limiter off: the bench is one host
-            "TIDECHAT_RATE_LIMIT_MESSAGES": "1000000/second",
+            # The bench is one trusted client at one address: no caps, quota or allow-list.
+            **limits.UNLIMITED_ENV,
+            "TIDECHAT_MODELS": "*",  # its model names carry the script (tokens, rate)
+            "TIDECHAT_MAX_OUTPUT_TOKENS": "0",
             "TIDECHAT_STREAM_TTL": "600",
             "TIDECHAT_OPENAI_TIMEOUT": "120",
             "TIDECHAT_OPENAI_MAX_RETRIES": "0",

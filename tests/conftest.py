@@ -24,7 +24,7 @@ from app import create_app
 from tests.lb_proxy import LoadBalancer
 from tests.model_server import ModelServer
 from tests.stack import Proc, WebProc, free_port, start_web, start_worker
-from tidechat import db
+from tidechat import db, limits
 from tidechat.embedded import start_redis
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -97,6 +97,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.wait(10)
 
 
+
+
 @pytest.fixture(scope="session")
 def key_prefix() -> str:
     return f"tctest:{uuid.uuid4().hex[:8]}:"
@@ -145,6 +147,9 @@ def settings(
         "TIDECHAT_REAP_INTERVAL": "0.5",
         "TIDECHAT_OPENAI_TIMEOUT": "10",
         "TIDECHAT_MAX_MESSAGE_CHARS": "2000",
+        # The whole suite is one client address (127.0.0.1) with many identities: the
+        # limits are off here, and on in the tests of them (tests/test_limits.py).
+        **limits.UNLIMITED_ENV,
     }
 
 

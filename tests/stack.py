@@ -13,10 +13,12 @@ from bench.procs import BIN, ROOT, Proc, free_port, spawn, wait_for
 __all__ = ["ROOT", "Proc", "WebProc", "free_port", "spawn", "start_web", "start_worker"]
 
 
-def start_worker(env: dict[str, str], logdir: Path, name: str = "worker") -> Proc:
+def start_worker(
+    env: dict[str, str], logdir: Path, name: str = "worker", concurrency: int = 100
+) -> Proc:
     argv = [
         str(BIN / "celery"), "-A", "worker.celery_app", "worker",
-        "--pool", "gevent", "--concurrency", "100", "--loglevel", "INFO",
+        "--pool", "gevent", "--concurrency", str(concurrency), "--loglevel", "INFO",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
         "--hostname", f"{name}-{os.getpid()}@%h",
     ]  # fmt: skip
@@ -34,7 +36,7 @@ def start_web(env: dict[str, str], logdir: Path, name: str = "web", workers: int
 
     def up() -> bool:
         try:
-            return httpx.get(url + "/api/conversations", timeout=1).status_code == 200
+            return httpx.get(url + "/api/auth/me", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 

@@ -11,14 +11,15 @@ from tests.stack import free_port
 from tidechat import model_catalog
 
 
-def test_rename_and_settings(client):
+def test_rename_and_settings(client, model_server):
     cid = client.post("/api/conversations").get_json()["id"]
-    body = {"title": "Tides", "system_prompt": "Be brief.", "model": "m1", "temperature": 0.3}
+    m1 = model_server.script()  # a model the backend lists
+    body = {"title": "Tides", "system_prompt": "Be brief.", "model": m1, "temperature": 0.3}
     response = client.patch(f"/api/conversations/{cid}", json=body)
     assert response.status_code == 200
     conv = client.get(f"/api/conversations/{cid}").get_json()
     assert (conv["title"], conv["system_prompt"], conv["model"], conv["temperature"]) == (
-        "Tides", "Be brief.", "m1", 0.3,
+        "Tides", "Be brief.", m1, 0.3,
     )  # fmt: skip
     response = client.patch(f"/api/conversations/{cid}", json={"system_prompt": None})
     assert response.get_json()["system_prompt"] is None
@@ -36,13 +37,17 @@ def test_bad_settings_are_400(client, body):
     assert client.get(f"/api/conversations/{cid}").get_json()["title"] == "New chat"
 
 
-def test_models_lists_the_default_first_and_names_the_backend(client, app, model_server):
+def test_models_lists_the_default_first_and_never_the_backend_address(
+    client, app, model_server, make_app
+):
     catalog = client.get("/api/models").get_json()
     assert catalog["default"] == app.config["DEFAULT_MODEL"]
     assert catalog["models"][0] == catalog["default"]
     host = model_server.base_url.split("//")[1].split("/")[0]
-    assert catalog["backend"] == host
+    assert "backend" not in catalog and host not in str(catalog)
     assert "sk-" not in str(catalog)
+    labelled = make_app(TIDECHAT_BACKEND_LABEL="Our GPU box").test_client()
+    assert labelled.get("/api/models").get_json()["backend"] == "Our GPU box"
 
 
 def test_a_failed_model_listing_is_retried_soon(make_app, model_server, monkeypatch):

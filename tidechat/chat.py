@@ -128,24 +128,26 @@ def in_progress(conv: Conversation) -> Message | None:
     return None
 
 
-def start_turn(s: Session, conv: Conversation, content: str, model: str) -> tuple[Message, Message]:
-    """Store the user's message and a queued assistant message with a fresh generation id."""
+def start_turn(
+    s: Session, conv: Conversation, content: str, model: str, gid: str
+) -> tuple[Message, Message]:
+    """Store the user's message and a queued assistant message for generation ``gid``."""
     if not conv.messages:
         conv.title = title_from(content)
     user = Message(id=new_id(), role="user", content=content, status=models.DONE)
     conv.messages.append(user)
-    return user, queue_answer(s, conv, model)
+    return user, queue_answer(s, conv, model, gid)
 
 
-def queue_answer(s: Session, conv: Conversation, model: str) -> Message:
-    """A queued assistant message with a fresh generation id, committed."""
+def queue_answer(s: Session, conv: Conversation, model: str, gid: str) -> Message:
+    """A queued assistant message for generation ``gid``, committed."""
     assistant = Message(
         id=new_id(),
         role="assistant",
         content="",
         status=models.QUEUED,
         model=model,
-        generation_id=new_id(),
+        generation_id=gid,
     )
     conv.messages.append(assistant)
     conv.updated_at = utcnow()

@@ -33,17 +33,47 @@ DEFAULTS: dict[str, Any] = {
     "TOKEN_DEADLINE": 120.0,  # seconds without a token (keep-alives don't count), likewise
     "OPENAI_MAX_RETRIES": 2,  # retries of the request itself (429/5xx/connect), never mid-stream
     "DEFAULT_MODEL": "gpt-4o-mini",
-    "MAX_OUTPUT_TOKENS": 0,  # cap on an answer's tokens (0: the model server's own limit)
-    "BACKEND_LABEL": "",  # how the page names the model server (default: its host)
+    "BACKEND_LABEL": "",  # a name for the model server on the page (default: none shown)
+    # What a request may ask of the model (tidechat/policy.py)
+    # The models offered and accepted, comma-separated (empty: those the backend lists).
+    "MODELS": "",
+    "MAX_OUTPUT_TOKENS": 1024,  # max_tokens of every answer (0: the model server's own)
+    "CONTEXT_TOKENS": 8000,  # history sent per answer, oldest turns dropped first
     # How a partial answer is continued after a deploy handed it on (worker/model_client.py):
     # "completion" (llama.cpp, ChatML models), "continue_final_message" (vLLM), or "none"
     # (it ends "interrupted" and the page offers Continue).
     "CONTINUATION": "none",
-    # Flask / identity
-    "SECRET_KEY": "",
+    # Flask / accounts (tidechat/accounts.py)
+    "SECRET_KEY": "",  # required in "open" and "invite" modes
+    "SECRET_KEY_FALLBACKS": [],  # old keys still accepted while sessions move to the new one
+    # "guest": anyone chats, with an identity per browser, and may sign up to keep it;
+    # "open": sign-up open to all, sign-in required; "invite": sign-up by invitation only.
+    "AUTH_MODE": "guest",
+    "ADMIN_EMAILS": "",  # comma-separated; if empty, the first account is the admin
+    "SESSION_DAYS": 30,  # a sign-in ends after this many days unused
+    "INVITE_DAYS": 7,  # an invitation expires after this many days
+    "MIN_PASSWORD_CHARS": 10,
+    # Sign-in with an OpenID Connect provider (off unless OIDC_ISSUER is set)
+    "OIDC_ISSUER": "",
+    "OIDC_CLIENT_ID": "",
+    "OIDC_CLIENT_SECRET": "",
+    "OIDC_LABEL": "Single sign-on",
     "MAX_CONTENT_LENGTH": 1024 * 1024,  # bytes of a request body
+    "BODY_TIMEOUT": 15.0,  # seconds a client may take to send a request body (408 past it)
     "MAX_MESSAGE_CHARS": 32_000,  # characters of one user message (413 past it)
-    "RATE_LIMIT_MESSAGES": "30/minute;1000/day",  # answers one identity may start (429 past it)
+    # Abuse and cost limits (tidechat/limits.py): per account, and per client address (which
+    # many people may share behind one NAT, so those are wider).
+    "RATE_LIMIT_MESSAGES": "20/minute;500/day",  # answers started: send, regenerate, continue
+    "RATE_LIMIT_MESSAGES_IP": "60/minute;3000/day",
+    "RATE_LIMIT_WRITES": "120/minute",  # every other write (create, rename, delete, cancel)
+    "RATE_LIMIT_WRITES_IP": "600/minute",
+    "RATE_LIMIT_AUTH_IP": "10/minute;100/day",  # sign-up and sign-in attempts
+    "MAX_ACTIVE_ANSWERS": 3,  # answers queued or streaming at once
+    "MAX_ACTIVE_ANSWERS_IP": 12,
+    "MAX_STREAMS": 24,  # open event streams (tabs, devices)
+    "MAX_STREAMS_IP": 120,
+    "MAX_QUEUED": 500,  # answers waiting for a worker, app-wide (429 past it)
+    "DAILY_TOKENS": 200_000,  # tokens an account may use per UTC day (0: no quota)
     # Public deployment (tidechat/security.py)
     # Proxies in front that set X-Forwarded-For/-Proto/-Host (ProxyFix): 0 trusts none;
     # Heroku's router is 1. More than really sit in front lets clients forge their address.
@@ -73,6 +103,8 @@ DEFAULTS: dict[str, Any] = {
     "NONSTREAM_TIMEOUT": 300.0,  # seconds a stream=false request waits for its answer
 }
 
+AUTH_MODES = ("guest", "open", "invite")
+
 # Conventional (unprefixed) variable names read from the environment.
 PLATFORM_VARS = (
     "REDIS_URL",
@@ -80,6 +112,7 @@ PLATFORM_VARS = (
     "OPENAI_API_KEY",
     "OPENAI_BASE_URL",
     "SECRET_KEY",
+    "SECRET_KEY_FALLBACKS",
 )
 
 
@@ -97,8 +130,24 @@ def load_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def finalize(config: dict[str, Any]) -> None:
     """Derive values that depend on others, once everything is loaded."""
+    mode = str(config.get("AUTH_MODE") or "guest").strip().lower()
+    if mode not in AUTH_MODES:
+        raise ValueError(f"TIDECHAT_AUTH_MODE must be one of {', '.join(AUTH_MODES)}, not {mode!r}")
+    config["AUTH_MODE"] = mode
     if not config.get("SECRET_KEY"):
+        if mode != "guest":
+            # Each process would sign its own cookies: sign-ins would not survive a restart
+            # nor reach a second web process.
+            raise RuntimeError(
+                f"SECRET_KEY must be set in {mode!r} mode (the same long random value on "
+                "every web and worker process), e.g. SECRET_KEY=$(python -c "
+                "'import secrets; print(secrets.token_hex(32))')"
+            )
         config["SECRET_KEY"] = _instance_secret()
+    fallbacks = config.get("SECRET_KEY_FALLBACKS") or []
+    if isinstance(fallbacks, str):
+        fallbacks = [k.strip() for k in fallbacks.split(",") if k.strip()]
+    config["SECRET_KEY_FALLBACKS"] = list(fallbacks)
     config["DATABASE_URL"] = normalize_database_url(config["DATABASE_URL"])
     config["CELERY"] = {
         "broker_url": config["REDIS_URL"],
@@ -118,6 +167,10 @@ def finalize(config: dict[str, Any]) -> None:
             # (kombu's default, an hour, left its chat waiting an hour). Delivering one
             # twice is harmless: only one run can claim a generation.
             "visibility_timeout": 300,
+            # Fair scheduling: a list per level, the lowest first (tidechat/limits.py).
+            # (kombu's own separator: a ":" would split queue names that hold one)
+            "priority_steps": [0, 1, 2, 3],
+            "queue_order_strategy": "priority",
         },
     }
 

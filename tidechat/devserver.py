@@ -64,6 +64,8 @@ def plan(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
             TIDECHAT_DEFAULT_MODEL=env.get("TIDECHAT_DEFAULT_MODEL", LOCAL_MODEL),
             TIDECHAT_BACKEND_LABEL=env.get("TIDECHAT_BACKEND_LABEL", LOCAL_BACKEND_LABEL),
             TIDECHAT_MAX_OUTPUT_TOKENS=env.get("TIDECHAT_MAX_OUTPUT_TOKENS", "512"),
+            # its context is 2048 tokens: the history and the answer must fit in it together
+            TIDECHAT_CONTEXT_TOKENS=env.get("TIDECHAT_CONTEXT_TOKENS", "1400"),
             # SmolLM2 speaks ChatML: a deploy's handed-on answer goes on as a raw completion
             TIDECHAT_CONTINUATION=env.get("TIDECHAT_CONTINUATION", "completion"),
         )

@@ -23,9 +23,12 @@ RETRY_AFTER_S = 5
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.retry_after = retry_after
 
 
 def not_found(what: str = "resource") -> ApiError:
@@ -56,8 +59,8 @@ def register(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
         response = jsonify(error_body(exc.code, exc.message))
-        if exc.status == 503:
-            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        if exc.retry_after is not None or exc.status == 503:
+            response.headers["Retry-After"] = str(exc.retry_after or RETRY_AFTER_S)
         return response, exc.status
 
     def _redis_down(exc: Exception):

@@ -13,6 +13,11 @@ Channels:
 - ``<p>cancel``            pub/sub: a generation id, published when its owner asks to stop.
 Process-wide:
 - ``<p>sweeper``           the lock of the one process that sweeps at a time.
+Per account or client address ``<who>`` (``acct:<owner>`` or ``ip:<address>``), for limits:
+- ``<p>active:<who>``      sorted set: its answers not yet over (generation ids);
+- ``<p>streams:<who>``     sorted set: its open event streams, scored by when they expire;
+- ``<p>tokens:<owner>:<YYYYMMDD>``  tokens an account used that UTC day.
+Flask-Limiter's rate-limit counters live under ``<p>ratelimit``.
 Per web process ``<hub>``:
 - ``<p>hub:<hub>:wake``    a tiny stream the process writes to interrupt its own XREAD.
 Celery's broker keys live under ``<p>celery:`` (kombu's ``global_keyprefix``).
@@ -52,3 +57,15 @@ class RedisKeys:
 
     def hub_wake(self, hub_id: str) -> str:
         return f"{self.prefix}hub:{hub_id}:wake"
+
+    def active(self, who: str) -> str:
+        return f"{self.prefix}active:{who}"
+
+    def streams(self, who: str) -> str:
+        return f"{self.prefix}streams:{who}"
+
+    def tokens(self, owner: str, day: str) -> str:
+        return f"{self.prefix}tokens:{owner}:{day}"
+
+    def celery_queue(self, queue: str) -> str:
+        return f"{self.prefix}celery:{queue}"

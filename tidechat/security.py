@@ -13,6 +13,8 @@
   this server's own. Requests with neither header (curl, server-side SDKs) are no browser's
   and pass. And an unsafe ``/api`` request with a body must send JSON (415 otherwise):
   a cross-site HTML form can post only form, multipart or text bodies.
+- **Slow bodies**: a request body must arrive within ``BODY_TIMEOUT`` seconds (408
+  otherwise), so a client that trickles one cannot hold a connection forever.
 - **Headers on every response** (the API, the event stream, static files, error pages):
   ``nosniff``, ``Referrer-Policy``, ``X-Frame-Options``, and ``Cache-Control: no-store`` on
   ``/api`` responses that set no caching of their own (the event stream keeps its
@@ -21,6 +23,9 @@
 
 from __future__ import annotations
 
+import io
+import json
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -47,7 +52,7 @@ _TRUE = {"1", "true", "yes", "on"}
 
 
 class SessionInterface(SecureCookieSessionInterface):
-    """Flask's signed-cookie sessions, with ``Secure`` set on every cookie sent over HTTPS.
+    """Flask's signed-cookie sessions, ``Secure`` and ``__Host-`` over HTTPS.
 
     ``SESSION_COOKIE_SECURE`` is one value for the whole app; this decides per request
     (from ``request.is_secure``, after ProxyFix), without changing shared config.
@@ -57,6 +62,14 @@ class SessionInterface(SecureCookieSessionInterface):
         if app.config["SESSION_COOKIE_SECURE"]:
             return True
         return has_request_context() and request.is_secure
+
+    def get_cookie_name(self, app: Flask) -> str:
+        # Over HTTPS the cookie is "__Host-" prefixed: browsers then take it only if it is
+        # Secure, host-only and for the whole site, so a sibling subdomain cannot plant one.
+        name = app.config["SESSION_COOKIE_NAME"]
+        if self.get_cookie_secure(app) and not app.config["SESSION_COOKIE_DOMAIN"]:
+            return "__Host-" + name
+        return name
 
 
 def init_app(app: Flask) -> None:
@@ -70,6 +83,9 @@ def init_app(app: Flask) -> None:
             app.wsgi_app, x_for=proxies, x_proto=proxies
         )
     app.session_interface = SessionInterface()
+    app.wsgi_app = BodyDeadline(  # type: ignore[method-assign]
+        app.wsgi_app, float(app.config["BODY_TIMEOUT"]), int(app.config["MAX_CONTENT_LENGTH"])
+    )
 
     @app.before_request
     def _guard():
@@ -166,3 +182,64 @@ def flag(name: str, value: Any) -> bool:
     if text in _FALSE:
         return False
     raise ValueError(f"TIDECHAT_{name} must be true or false, not {value!r}")
+
+
+class BodyDeadline:
+    """WSGI middleware: read a request's body within ``seconds`` before the app sees it.
+
+    Under gevent (gunicorn's worker) a body that trickles in is cut off with 408; without
+    gevent (the test client, a debugger) bodies are read as they are.
+    """
+
+    def __init__(self, app: Callable, seconds: float, max_bytes: int) -> None:
+        self.app, self.seconds, self.max_bytes = app, seconds, max_bytes
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if not (_gevent_patched() and _has_wsgi_body(environ)):
+            return self.app(environ, start_response)
+        import gevent
+
+        length = environ.get("CONTENT_LENGTH")
+        want = int(length) if length and length.isdigit() else None
+        if want is not None and want > self.max_bytes:
+            return self.app(environ, start_response)  # Flask answers 413 unread
+        try:
+            with gevent.Timeout(self.seconds):
+                body = _read(environ["wsgi.input"], want, self.max_bytes + 1)
+        except gevent.Timeout:
+            start_response(
+                "408 Request Timeout",
+                [("Content-Type", "application/json"), ("Connection", "close")],
+            )
+            message = "The request body did not arrive in time."
+            return [json.dumps(error_body("request_timeout", message)).encode()]
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
+        environ["wsgi.input_terminated"] = True
+        return self.app(environ, start_response)
+
+
+def _gevent_patched() -> bool:
+    try:
+        from gevent import monkey
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        return False
+    return monkey.is_module_patched("socket")
+
+
+def _has_wsgi_body(environ: dict) -> bool:
+    if environ.get("CONTENT_LENGTH") not in (None, "", "0"):
+        return True
+    return "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+
+
+def _read(stream: Any, want: int | None, cap: int) -> bytes:
+    chunks, got = [], 0
+    limit = cap if want is None else min(want, cap)
+    while got < limit:
+        chunk = stream.read(min(65536, limit - got))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)

@@ -24,5 +24,6 @@ def celery_init_app(app: Flask) -> Celery:
     return celery_app
 
 
-def enqueue_generation(app: Flask, gid: str) -> None:
-    app.extensions["celery"].send_task(GENERATE_TASK, args=[gid])
+def enqueue_generation(app: Flask, gid: str, priority: int = 0) -> None:
+    """Queue a generation; lower ``priority`` goes first (see tidechat/limits.py)."""
+    app.extensions["celery"].send_task(GENERATE_TASK, args=[gid], priority=priority)

@@ -10,7 +10,7 @@ from typing import Any
 from celery import shared_task
 from flask import Flask, current_app
 
-from tidechat import chat, db, models
+from tidechat import chat, db, limits, models, policy
 from tidechat.errors import DATABASE_DOWN, REDIS_DOWN
 from tidechat.stream_bus import DONE, ERROR, GONE, STATE_LOST, Claim, StreamBus, lost_end
 from worker import GENERATE_TASK, enqueue_generation, model_client
@@ -100,6 +100,7 @@ class Generation:
         self.cfg = app.config
         self.bus: StreamBus = app.extensions["stream_bus"]
         self.runtime = runtime_for(app)
+        self.owner, self.prompt = "", ""  # whose answer, and what was asked (for the quota)
 
     def run(self) -> None:
         if self.runtime.keeper.draining:  # a task that reached a stopping worker: pass it on
@@ -168,7 +169,8 @@ class Generation:
 
     def _request(self, s: Any, msg: models.Message, prefix: str) -> model_client.Request:
         conv = msg.conversation
-        messages = chat.history(conv, msg)
+        messages = policy.fit_context(chat.history(conv, msg), int(self.cfg["CONTEXT_TOKENS"]))
+        self.owner, self.prompt = conv.owner, "".join(m["content"] for m in messages)
         if msg.status != models.STREAMING:
             msg.status = models.STREAMING
         # End the read transaction: a generation must not hold one of the pool's few
@@ -179,7 +181,7 @@ class Generation:
             model=msg.model,
             messages=messages,
             temperature=conv.temperature,
-            max_tokens=int(self.cfg["MAX_OUTPUT_TOKENS"]),
+            max_tokens=policy.max_output_tokens(self.cfg),
             prefix=prefix,
             continuation=self.cfg["CONTINUATION"],
         )
@@ -266,6 +268,7 @@ class Generation:
         if not end.event:
             self._reconcile(s, msg)
             return
+        self._count_tokens(end.payload.get("usage"), text)
         try:
             retrying(
                 lambda: chat.record_end(s, msg, text, end.status, end.payload),
@@ -286,6 +289,13 @@ class Generation:
                 chat.record_end(s, msg, text, models.ERROR, STATE_LOST)
             elif ended is None:
                 self._reconcile(s, msg)  # someone else ended it first: theirs stands
+
+    def _count_tokens(self, usage: dict | None, text: str) -> None:
+        """Charge the answer to its account's daily quota (best effort: Redis may be down)."""
+        try:
+            limits.count_tokens(self.app, self.owner, limits.used_tokens(usage, self.prompt, text))
+        except REDIS_DOWN:
+            log.warning("generation %s: could not count its tokens", self.gid)
 
     def _reconcile(self, s: Any, msg: models.Message) -> None:
         try:

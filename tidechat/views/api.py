@@ -6,12 +6,10 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request, url_for
 
-from tidechat import chat, db, hygiene, models
+from tidechat import chat, db, hygiene, limits, models, policy
+from tidechat.accounts import current_owner
 from tidechat.errors import REDIS_DOWN, ApiError, unavailable
-from tidechat.identity import current_owner
-from tidechat.model_catalog import model_catalog
 from tidechat.models import Conversation
-from tidechat.rate_limit import limiter, message_limit
 from tidechat.stream_bus import DONE, StreamBus
 from tidechat.views.hub import get_hub
 from worker import enqueue_generation
@@ -34,6 +32,7 @@ def json_body() -> dict[str, Any]:
 
 
 @bp.post("/conversations")
+@limits.writes
 def create_conversation():
     if request.content_length and not request.is_json:
         raise ApiError(415, "unsupported_media_type", "Send JSON (Content-Type: application/json).")
@@ -63,6 +62,7 @@ def get_conversation(cid: str):
 
 
 @bp.patch("/conversations/<cid>")
+@limits.writes
 def update_conversation(cid: str):
     body = json_body()
     s = db.session()
@@ -91,7 +91,8 @@ def parse_settings(body: dict[str, Any]) -> dict[str, Any]:
             check_length("system_prompt", prompt)
         out["system_prompt"] = prompt or None
     if "model" in body:
-        out["model"] = parse_model(body)
+        model = parse_model(body)
+        out["model"] = model and policy.check_model(current_app, model)
     if "temperature" in body:
         temperature = body["temperature"]
         valid = temperature is None or (
@@ -106,6 +107,7 @@ def parse_settings(body: dict[str, Any]) -> dict[str, Any]:
 
 
 @bp.delete("/conversations/<cid>")
+@limits.writes
 def delete_conversation(cid: str):
     s = db.session()
     conv = chat.owned_conversation(s, current_owner(), cid)
@@ -120,23 +122,29 @@ def delete_conversation(cid: str):
 
 @bp.get("/models")
 def list_models():
-    return jsonify(model_catalog(current_app))
+    return jsonify(policy.catalog(current_app))
 
 
 @bp.post("/conversations/<cid>/messages")
-@limiter.limit(message_limit)
+@limits.answers
 def post_message(cid: str):
     body = json_body()
     content, model, stream = parse_message(body)
     s = db.session()
     conv = chat.owned_conversation(s, current_owner(), cid)
     ensure_idle(s, conv)
-    user, assistant = chat.start_turn(s, conv, content, resolve_model(conv, model))
-    return launch(user, assistant, stream)
+    model = resolve_model(conv, model)
+    admission = limits.admit(models.new_id())
+    try:
+        user, assistant = chat.start_turn(s, conv, content, model, admission.gid)
+    except BaseException:
+        admission.withdraw()
+        raise
+    return launch(user, assistant, stream, admission)
 
 
 @bp.post("/conversations/<cid>/regenerate")
-@limiter.limit(message_limit)
+@limits.answers
 def regenerate(cid: str):
     """Answer the last user message again, replacing the last answer."""
     body = json_body() if request.content_length else {}
@@ -147,10 +155,16 @@ def regenerate(cid: str):
     user = chat.last_user_message(conv)
     if user is None:
         raise ApiError(400, "nothing_to_regenerate", "There is no message to answer again.")
-    for msg in [m for m in conv.messages if m.seq > user.seq]:
-        conv.messages.remove(msg)
-    assistant = chat.queue_answer(s, conv, resolve_model(conv, model))
-    return launch(user, assistant, stream=True)
+    model = resolve_model(conv, model)
+    admission = limits.admit(models.new_id())
+    try:
+        for msg in [m for m in conv.messages if m.seq > user.seq]:
+            conv.messages.remove(msg)
+        assistant = chat.queue_answer(s, conv, model, admission.gid)
+    except BaseException:
+        admission.withdraw()
+        raise
+    return launch(user, assistant, True, admission)
 
 
 def ensure_idle(s, conv: Conversation) -> None:
@@ -162,22 +176,26 @@ def ensure_idle(s, conv: Conversation) -> None:
 
 
 def resolve_model(conv: Conversation, requested: str | None) -> str:
-    return requested or conv.model or current_app.config["DEFAULT_MODEL"]
+    model = requested or conv.model or current_app.config["DEFAULT_MODEL"]
+    return policy.check_model(current_app, model)
 
 
-def launch(user: models.Message, assistant: models.Message, stream: bool):
+def launch(
+    user: models.Message, assistant: models.Message, stream: bool, admission: limits.Admission
+):
     """Enqueue the assistant message's generation; answer 202, or 200 once done."""
     gid = assistant.generation_id
     sub = None
     try:
         bus().create(gid)
         sub = None if stream else get_hub().subscribe(gid)  # before enqueue: miss nothing
-        enqueue_generation(current_app, gid)
+        enqueue_generation(current_app, gid, admission.priority)
     except REDIS_DOWN:
         # Not queued: end the answer now, so the chat is not left waiting for it forever
         # (the page offers Retry), and tell the client to try again.
         if sub is not None:
             sub.close()
+        admission.withdraw()
         chat.fail_unqueued(db.session(), assistant, unavailable("Redis"))
         raise
     if sub is not None:
@@ -249,6 +267,7 @@ def get_generation(gid: str):
 
 
 @bp.post("/generations/<gid>/cancel")
+@limits.writes
 def cancel_generation(gid: str):
     s = db.session()
     msg = chat.owned_generation(s, current_owner(), gid)
@@ -273,7 +292,7 @@ def cancel_generation(gid: str):
 
 
 @bp.post("/generations/<gid>/continue")
-@limiter.limit(message_limit)
+@limits.answers
 def continue_generation(gid: str):
     """Go on with an answer a deploy interrupted, in the same message: a new generation
     whose stream starts with the text so far."""
@@ -282,6 +301,12 @@ def continue_generation(gid: str):
     conv = msg.conversation
     if msg.status != models.INTERRUPTED or conv.messages[-1] is not msg:
         raise ApiError(409, "not_interrupted", "Only the last, interrupted answer can continue.")
-    msg.generation_id, msg.status, msg.finish_reason = models.new_id(), models.QUEUED, None
-    s.commit()
-    return launch(chat.last_user_message(conv), msg, stream=True)
+    policy.check_model(current_app, msg.model or current_app.config["DEFAULT_MODEL"])
+    admission = limits.admit(models.new_id())
+    try:
+        msg.generation_id, msg.status, msg.finish_reason = admission.gid, models.QUEUED, None
+        s.commit()
+    except BaseException:
+        admission.withdraw()
+        raise
+    return launch(chat.last_user_message(conv), msg, True, admission)

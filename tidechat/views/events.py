@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from flask import Blueprint, Response, current_app, request
+from werkzeug.wsgi import ClosingIterator
 
-from tidechat import chat, db, models
+from tidechat import chat, db, limits, models
+from tidechat.accounts import current_owner
 from tidechat.errors import ApiError
-from tidechat.identity import current_owner
 from tidechat.sse import ServerSentEvent, ping
 from tidechat.stream_bus import dumps, id_tuple, valid_cursor
-from tidechat.stream_hub import Subscription
+from tidechat.stream_hub import StreamHub, Subscription
 from tidechat.views.hub import get_hub
 
 bp = Blueprint("events", __name__, url_prefix="/api")
@@ -49,6 +50,22 @@ def generation_events(gid: str):
     hub = get_hub()
     if hub.draining:
         return _stream(iter(()), _DRAIN_RETRY_MS)
+    release = limits.open_stream()
+    try:
+        response = _follow(msg, gid, cursor, hub)
+    except BaseException:
+        release()
+        raise
+    if response.direct_passthrough:
+        # werkzeug hands a passthrough body to the server as is, without calling the
+        # response's close callbacks: the body itself must free the slot when closed.
+        response.response = ClosingIterator(response.response, release)
+    else:
+        response.call_on_close(release)
+    return response
+
+
+def _follow(msg: models.Message, gid: str, cursor: str, hub: StreamHub) -> Response:
     # An unfinished answer whose stream Redis lost gets a terminal event soon (its worker
     # or the sweeper writes one): wait for it. A 204 would stop EventSource for good.
     sub = hub.subscribe(gid, cursor, await_stream=msg.status not in models.FINAL_STATUSES)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, render_template
 
-from tidechat.identity import current_owner
+from tidechat import accounts
 
 bp = Blueprint("page", __name__)
 
@@ -27,8 +27,12 @@ CONTENT_SECURITY_POLICY = "; ".join(
 
 @bp.get("/")
 def index():
-    current_owner()  # give a new browser its identity cookie before its first API call
-    html = render_template("index.html", default_model=current_app.config["DEFAULT_MODEL"])
+    mode = current_app.config["AUTH_MODE"]
+    if mode == "guest":
+        accounts.current_owner()  # a new browser's identity cookie, before its first API call
+    html = render_template(
+        "index.html", default_model=current_app.config["DEFAULT_MODEL"], auth_mode=mode
+    )
     return (
         html,
         200,

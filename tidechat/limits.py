@@ -1,0 +1,368 @@
+"""Abuse and cost limits, per account and per client address: every door calls these.
+
+- **Rates** (Flask-Limiter, counters in Redis): answers started (send, regenerate and
+  continue share one bucket), every other write, sign-up and sign-in attempts. Each counts
+  per account *and* per client address, so dropping the cookie (a new guest per request)
+  does not reset anything.
+- **Admission** of an answer (:func:`admit`): a cap on answers queued or streaming at
+  once, per account and per address; a global backlog limit (429 with ``Retry-After`` when
+  the queue is too deep); the daily token quota. It also picks the answer's queue priority:
+  an account's first running answer goes before its second, so one busy user cannot starve
+  the rest (fair scheduling over Celery's Redis priority queues).
+- **Open event streams** per account and per address (:class:`StreamSlots`).
+- **Tokens** used per account and UTC day (:func:`count_tokens`), from the model's ``usage``
+  or estimated from the text when the backend sends none.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis
+from flask import Flask, current_app, request
+from flask_limiter import Limiter
+
+from tidechat import accounts, policy
+from tidechat.errors import ApiError
+from tidechat.redis_keys import RedisKeys
+
+log = logging.getLogger(__name__)
+
+# Celery priority levels (0 first): an answer's level is how many of its account's answers
+# are already queued or running.
+PRIORITY_LEVELS = 4
+# An answer just admitted may not have its stream state yet: count it for this long anyway.
+_ADMIT_GRACE_S = 60
+_STREAM_TTL_S = 90  # an open stream's slot expires unless its process renews it
+_STREAM_RENEW_S = 30
+_KOMBU_SEP = "\x06\x16"  # kombu.transport.redis's separator of a queue and its level
+
+
+# The environment that turns every limit off, for one trusted client at one address that
+# opens many identities (the test suite, bench/): never for a public deployment.
+UNLIMITED_ENV = {
+    "TIDECHAT_RATE_LIMIT_MESSAGES": "1000000/minute",
+    "TIDECHAT_RATE_LIMIT_MESSAGES_IP": "1000000/minute",
+    "TIDECHAT_RATE_LIMIT_WRITES": "1000000/minute",
+    "TIDECHAT_RATE_LIMIT_WRITES_IP": "1000000/minute",
+    "TIDECHAT_RATE_LIMIT_AUTH_IP": "1000000/minute",
+    "TIDECHAT_MAX_ACTIVE_ANSWERS": "0",
+    "TIDECHAT_MAX_ACTIVE_ANSWERS_IP": "0",
+    "TIDECHAT_MAX_STREAMS": "0",
+    "TIDECHAT_MAX_STREAMS_IP": "0",
+    "TIDECHAT_MAX_QUEUED": "0",
+    "TIDECHAT_DAILY_TOKENS": "0",
+}
+
+
+def account_key() -> str:
+    return "acct:" + accounts.current_owner()
+
+
+def ip_key() -> str:
+    return "ip:" + accounts.client_address()
+
+
+limiter = Limiter(key_func=account_key, default_limits=[])
+
+
+def init_app(app: Flask) -> None:
+    app.config.setdefault("RATELIMIT_STORAGE_URI", app.config["REDIS_URL"])
+    app.config.setdefault("RATELIMIT_KEY_PREFIX", app.config["KEY_PREFIX"] + "ratelimit")
+    app.config.setdefault("RATELIMIT_HEADERS_ENABLED", True)
+    # While its Redis is down, count in this process's memory instead of failing requests.
+    app.config.setdefault("RATELIMIT_IN_MEMORY_FALLBACK_ENABLED", True)
+    app.config.setdefault("RATELIMIT_SWALLOW_ERRORS", True)
+    limiter.init_app(app)
+    app.extensions["stream_slots"] = StreamSlots(
+        app.extensions["stream_bus"].redis, app.extensions["redis_keys"]
+    )
+
+
+def _setting(name: str) -> Callable[[], str]:
+    return lambda: current_app.config[name]
+
+
+def _per_account_and_ip(scope: str, name: str) -> Callable:
+    by_account = limiter.shared_limit(_setting(name), scope=scope, key_func=account_key)
+    by_ip = limiter.shared_limit(_setting(name + "_IP"), scope=scope + "-ip", key_func=ip_key)
+    return lambda view: by_account(by_ip(view))
+
+
+def writes(view: Callable) -> Callable:
+    """Every write an account makes (create, rename, delete, cancel, ...)."""
+    return _per_account_and_ip("writes", "RATE_LIMIT_WRITES")(view)
+
+
+def answers(view: Callable) -> Callable:
+    """Starting an answer: send, regenerate and continue draw on one bucket."""
+    return writes(_per_account_and_ip("answers", "RATE_LIMIT_MESSAGES")(view))
+
+
+auth_attempts = limiter.limit(_setting("RATE_LIMIT_AUTH_IP"), key_func=ip_key, scope="auth")
+
+
+def has_body() -> bool:
+    return bool(request.content_length) or bool(request.get_data(cache=True))
+
+
+def rejected(code: str, message: str, retry_after: int) -> ApiError:
+    return ApiError(429, code, message, retry_after=max(1, retry_after))
+
+
+# --- admission of an answer -----------------------------------------------------------
+
+
+@dataclass
+class Admission:
+    """An answer's place among its account's and address's active answers."""
+
+    gid: str
+    priority: int
+    keys: list[str] = field(default_factory=list)
+
+    def withdraw(self) -> None:
+        """It was not queued after all (the request failed): free its place."""
+        r = current_app.extensions["stream_bus"].redis
+        try:
+            for key in self.keys:
+                r.zrem(key, self.gid)
+        except redis.RedisError:
+            log.warning("could not withdraw %s from the active answers", self.gid)
+
+
+def admit(gid: str) -> Admission:
+    """Admit a new answer or raise 429: quota, backlog, then the concurrency caps."""
+    cfg = current_app.config
+    owner = accounts.current_owner()
+    check_quota(owner)
+    check_backlog()
+    caps = [
+        ("acct:" + owner, int(cfg["MAX_ACTIVE_ANSWERS"])),
+        ("ip:" + accounts.client_address(), int(cfg["MAX_ACTIVE_ANSWERS_IP"])),
+    ]
+    keys: RedisKeys = current_app.extensions["redis_keys"]
+    admission = Admission(gid, 0)
+    counts = []
+    for who, cap in caps:
+        key = keys.active(who)
+        admission.keys.append(key)
+        counts.append(_join_active(key, gid))
+        if cap and counts[-1] > cap:
+            admission.withdraw()
+            raise rejected(
+                "too_many_answers",
+                f"At most {cap} answers may run at once; wait for one to finish.",
+                5,
+            )
+    admission.priority = min(counts[0] - 1, PRIORITY_LEVELS - 1)
+    return admission
+
+
+def _join_active(key: str, gid: str) -> int:
+    """Add ``gid`` to an active set, drop the members that are over, count the rest."""
+    bus = current_app.extensions["stream_bus"]
+    r = bus.redis
+    now = time.time()
+    horizon = float(current_app.config["QUEUE_TIMEOUT"]) + float(
+        current_app.config["ANSWER_DEADLINE"]
+    )
+    with r.pipeline(transaction=False) as pipe:
+        pipe.zadd(key, {gid: now})
+        pipe.zremrangebyscore(key, "-inf", now - horizon)  # nothing runs that long
+        pipe.expire(key, int(horizon) + 60)
+        pipe.zrange(key, 0, -1, withscores=True)
+        members = pipe.execute()[-1]
+    others = [(m.decode(), score) for m, score in members if m.decode() != gid]
+    states = bus.states([m for m, _ in others]) if others else []
+    over = [
+        m
+        for (m, score), (meta, _) in zip(others, states, strict=True)
+        if _is_over(meta.get("state"), now - score)
+    ]
+    if over:
+        r.zrem(key, *over)
+    return len(others) - len(over) + 1
+
+
+def _is_over(state: str | None, age: float) -> bool:
+    if state is None:  # not created yet (or expired long ago)
+        return age > _ADMIT_GRACE_S
+    return state not in ("queued", "running")
+
+
+def check_backlog() -> None:
+    """Refuse new answers while too many wait for a worker, app-wide."""
+    limit = int(current_app.config["MAX_QUEUED"])
+    if limit and queue_depth(current_app) >= limit:
+        raise rejected(
+            "server_busy", "Too many answers are waiting; try again in a little while.", 10
+        )
+
+
+def queue_depth(app: Flask) -> int:
+    """Tasks waiting in the Celery queue (all its priority levels)."""
+    keys: RedisKeys = app.extensions["redis_keys"]
+    queue = keys.celery_queue(app.config["CELERY_QUEUE"])
+    r = app.extensions["stream_bus"].redis
+    with r.pipeline(transaction=False) as pipe:
+        for name in queue_names(queue):
+            pipe.llen(name)
+        return sum(pipe.execute())
+
+
+def queue_names(queue: str) -> list[str]:
+    """kombu's Redis list per priority level (its default separator, see config.finalize)."""
+    return [queue] + [f"{queue}{_KOMBU_SEP}{level}" for level in range(1, PRIORITY_LEVELS)]
+
+
+# --- daily tokens ---------------------------------------------------------------------
+
+
+def _today() -> datetime:
+    return datetime.now(UTC)
+
+
+def _day_key(owner: str, app: Flask | None = None) -> str:
+    keys: RedisKeys = (app or current_app).extensions["redis_keys"]
+    return keys.tokens(owner, _today().strftime("%Y%m%d"))
+
+
+def check_quota(owner: str) -> None:
+    quota = int(current_app.config["DAILY_TOKENS"])
+    if quota and tokens_today(owner) >= quota:
+        now = _today()
+        midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+        raise rejected(
+            "quota_exceeded",
+            f"This account has used its {quota:,} tokens for today; more at 00:00 UTC.",
+            int((midnight - now).total_seconds()) + 1,
+        )
+
+
+def tokens_today(owner: str) -> int:
+    value = current_app.extensions["stream_bus"].redis.get(_day_key(owner))
+    return int(value or 0)
+
+
+def count_tokens(app: Flask, owner: str, tokens: int) -> None:
+    """Add an answer's tokens to its account's day (kept two days, then gone)."""
+    if tokens <= 0:
+        return
+    key = _day_key(owner, app)
+    with app.extensions["stream_bus"].redis.pipeline(transaction=False) as pipe:
+        pipe.incrby(key, tokens)
+        pipe.expire(key, 2 * 86400)
+        pipe.execute()
+
+
+# --- open event streams ---------------------------------------------------------------
+
+
+class StreamSlots:
+    """Open event streams per account and address, counted app-wide in Redis.
+
+    Each stream holds a member in its account's and its address's sorted set, scored by
+    when it expires. This process renews all of its own in one pipeline every half
+    minute, so a process that dies frees its slots within ``_STREAM_TTL_S``.
+    """
+
+    def __init__(self, r: redis.Redis, keys: RedisKeys) -> None:
+        self.redis, self.keys = r, keys
+        self._mine: dict[str, list[str]] = {}  # member -> its keys
+        self._lock = threading.Lock()
+        self._renewer: threading.Thread | None = None
+
+    def open(self, caps: list[tuple[str, int]]) -> Callable[[], None]:
+        """Take a slot under each (who, cap), or raise 429; returns its release."""
+        caps = [(who, cap) for who, cap in caps if cap > 0]
+        if not caps:  # nothing to count (and no Redis round trip per stream)
+            return lambda: None
+        member = uuid.uuid4().hex
+        keys = [self.keys.streams(who) for who, _ in caps]
+        now = time.time()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.zremrangebyscore(key, "-inf", now)
+                pipe.zadd(key, {member: now + _STREAM_TTL_S})
+                pipe.expire(key, _STREAM_TTL_S)
+                pipe.zcard(key)
+            counts = pipe.execute()[3::4]
+        for (_, cap), count in zip(caps, counts, strict=True):
+            if count > cap:
+                self._drop(member, keys)
+                raise rejected("too_many_streams", f"At most {cap} streams may be open at once.", 5)
+        with self._lock:
+            self._mine[member] = keys
+            self._start_renewer()
+        return lambda: self._close(member)
+
+    def _close(self, member: str) -> None:
+        with self._lock:
+            keys = self._mine.pop(member, None)
+        if keys:
+            self._drop(member, keys)
+
+    def _drop(self, member: str, keys: list[str]) -> None:
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.zrem(key, member)
+                pipe.execute()
+        except redis.RedisError:
+            log.info("could not free a stream slot; it expires by itself")
+
+    def _start_renewer(self) -> None:
+        if self._renewer is None or not self._renewer.is_alive():
+            self._renewer = threading.Thread(target=self._renew_forever, daemon=True)
+            self._renewer.start()
+
+    def _renew_forever(self) -> None:
+        while True:
+            time.sleep(_STREAM_RENEW_S)
+            try:
+                self.renew()
+            except redis.RedisError:
+                log.warning("could not renew open stream slots", exc_info=True)
+
+    def renew(self) -> None:
+        with self._lock:
+            mine = list(self._mine.items())
+        expires = time.time() + _STREAM_TTL_S
+        with self.redis.pipeline(transaction=False) as pipe:
+            for member, keys in mine:
+                for key in keys:
+                    pipe.zadd(key, {member: expires}, xx=True)
+                    pipe.expire(key, _STREAM_TTL_S)
+            pipe.execute()
+
+
+def open_stream() -> Callable[[], None]:
+    """A slot for one more event stream of this request's account and address."""
+    cfg = current_app.config
+    slots: StreamSlots = current_app.extensions["stream_slots"]
+    return slots.open(
+        [
+            ("acct:" + accounts.current_owner(), int(cfg["MAX_STREAMS"])),
+            ("ip:" + accounts.client_address(), int(cfg["MAX_STREAMS_IP"])),
+        ]
+    )
+
+
+def used_tokens(usage: dict[str, Any] | None, prompt: str, answer: str) -> int:
+    """An answer's tokens: the backend's count, else an estimate from the text."""
+    if usage:
+        total = usage.get("total_tokens")
+        if isinstance(total, int) and total > 0:
+            return total
+        parts = [usage.get("prompt_tokens"), usage.get("completion_tokens")]
+        if all(isinstance(p, int) for p in parts):
+            return sum(parts)
+    return policy.estimate_tokens(prompt) + policy.estimate_tokens(answer)
