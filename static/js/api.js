@@ -8,6 +8,14 @@ export class ApiError extends Error {
   }
 }
 
+// Called when the server answers 401 login_required: the sign-in is gone (signed out on
+// another device, the account disabled). account.js sets it to show the sign-in screen.
+let loginRequired = () => {};
+
+export function onLoginRequired(handler) {
+  loginRequired = handler;
+}
+
 async function request(method, url, body) {
   const init = { method, headers: { Accept: "application/json" } };
   if (body !== undefined) {
@@ -29,6 +37,7 @@ async function request(method, url, body) {
   }
   if (!response.ok) {
     const error = (data && data.error) || {};
+    if (response.status === 401 && error.code === "login_required") loginRequired();
     throw new ApiError(
       response.status,
       error.code || "http_error",
@@ -55,6 +64,15 @@ export const api = {
   generation: (gid) => request("GET", generation(gid)),
   cancel: (gid) => request("POST", `${generation(gid)}/cancel`),
   continueAnswer: (gid) => request("POST", `${generation(gid)}/continue`),
+  me: () => request("GET", "/api/auth/me"),
+  signUp: (fields) => request("POST", "/api/auth/signup", fields),
+  logIn: (fields) => request("POST", "/api/auth/login", fields),
+  logOut: (everywhere = false) =>
+    request("POST", "/api/auth/logout", everywhere ? { everywhere: true } : undefined),
+  users: async () => (await request("GET", "/api/admin/users")).users,
+  setUserDisabled: (uid, disabled) =>
+    request("PATCH", `/api/admin/users/${encodeURIComponent(uid)}`, { disabled }),
+  createInvite: () => request("POST", "/api/admin/invites"),
   eventsUrl: (gid, after) =>
     `${generation(gid)}/events${after ? `?after=${encodeURIComponent(after)}` : ""}`,
 };

@@ -3,6 +3,7 @@
 // Answers are generated on the server whatever the page does: leaving a conversation only
 // stops listening, and coming back re-attaches to its stream, which replays from the start.
 
+import { initAccount } from "./account.js";
 import { api, FINAL_STATUSES } from "./api.js";
 import { Composer } from "./composer.js";
 import { announce } from "./dom.js";
@@ -476,7 +477,10 @@ function syncSidebarInert() {
 function start() {
   const fallback = document.body.dataset.defaultModel || "";
   settings.setCatalog({ default: fallback, models: fallback ? [fallback] : [], backend: "" });
-  api.models().then((catalog) => settings.setCatalog(catalog)).catch(() => {});
+  api.models().then((catalog) => {
+    settings.setCatalog(catalog);
+    $("backend-line").hidden = !catalog.backend; // named only if the operator named it
+  }).catch(() => {});
 
   $("new-chat").addEventListener("click", () => {
     closeSidebar();
@@ -524,4 +528,20 @@ function start() {
   route();
 }
 
-start();
+/** The sign-in is gone (signed out elsewhere, disabled): stop everything the chat does. */
+function lockPage() {
+  detachLive();
+  closeSidebar();
+  if ($("delete-dialog").open) $("delete-dialog").close();
+}
+
+// A guest may chat at once; where a sign-in is required, the chat starts (and calls the
+// API) only once the server says who is signed in.
+const account = initAccount({ onLocked: lockPage, showAlert });
+if ((document.body.dataset.authMode || "guest") === "guest") {
+  start();
+} else {
+  account.then((me) => {
+    if (me && me.user) start();
+  });
+}
