@@ -39,8 +39,14 @@ def error_code(response) -> str:
 
 
 def session_cookie(response) -> str:
-    cookies = [c for c in response.headers.getlist("Set-Cookie") if c.startswith("session=")]
+    """The session cookie: ``__Host-session`` over HTTPS (Secure, host-only, path /),
+    ``session`` over plain HTTP, where browsers would refuse the prefix."""
+    cookies = [
+        c for c in response.headers.getlist("Set-Cookie")
+        if c.startswith(("session=", "__Host-session="))
+    ]  # fmt: skip
     assert len(cookies) == 1, response.headers
+    assert cookies[0].startswith("__Host-") == ("; Secure" in cookies[0]), cookies[0]
     return cookies[0]
 
 

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from tests.conftest import postgres_database
 from tidechat import chat, db, models
-from tidechat.models import Conversation
+from tidechat.models import Conversation, new_id
 from tidechat.stream_bus import Entry
 
 
@@ -45,7 +45,7 @@ def test_turns_round_trip_exactly(session):
     session.add(conv)
     session.commit()
     content = "Ünïcødé 🌊 \r\n\r\ndata: x ' \" ; DROP TABLE messages; --"
-    user, assistant = chat.start_turn(session, conv, content, "m1")
+    user, assistant = chat.start_turn(session, conv, content, "m1", new_id())
     terminal = Entry("5-0", "done", '{"finish_reason":"stop","usage":{"total_tokens":4}}')
     chat.apply_terminal(assistant, "answer ✓", terminal)
     session.commit()
@@ -67,11 +67,11 @@ def test_history_follows_message_order_and_skips_empty_answers(session):
     conv = Conversation(owner="bob", system_prompt="Be brief.")
     session.add(conv)
     session.commit()
-    first_user, first_answer = chat.start_turn(session, conv, "one", "m")
+    first_user, first_answer = chat.start_turn(session, conv, "one", "m", new_id())
     first_answer.content, first_answer.status = "uno", models.DONE
-    failed_user, failed = chat.start_turn(session, conv, "two", "m")
+    failed_user, failed = chat.start_turn(session, conv, "two", "m", new_id())
     failed.status = models.ERROR
-    _, current = chat.start_turn(session, conv, "three", "m")
+    _, current = chat.start_turn(session, conv, "three", "m", new_id())
     assert chat.history(conv, current) == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "one"},
@@ -85,11 +85,11 @@ def test_listing_is_per_owner_and_newest_first(session):
     older, newer, other = (Conversation(owner=o) for o in ("carol", "carol", "dave"))
     session.add_all([older, newer, other])
     session.commit()
-    chat.start_turn(session, newer, "bump", "m")
+    chat.start_turn(session, newer, "bump", "m", new_id())
     assert [c.id for c in chat.list_conversations(session, "carol")] == [newer.id, older.id]
     with pytest.raises(Exception, match="No such conversation"):
         chat.owned_conversation(session, "dave", older.id)
-    _, assistant = chat.start_turn(session, older, "hi", "m")
+    _, assistant = chat.start_turn(session, older, "hi", "m", new_id())
     assert chat.owned_generation(session, "carol", assistant.generation_id).id == assistant.id
     with pytest.raises(Exception, match="No such generation"):
         chat.owned_generation(session, "dave", assistant.generation_id)
@@ -99,7 +99,7 @@ def test_deleting_a_conversation_deletes_its_messages(session):
     conv = Conversation(owner="erin")
     session.add(conv)
     session.commit()
-    _, assistant = chat.start_turn(session, conv, "bye", "m")
+    _, assistant = chat.start_turn(session, conv, "bye", "m", new_id())
     session.delete(conv)
     session.commit()
     assert session.query(models.Message).filter_by(conversation_id=conv.id).count() == 0
