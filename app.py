@@ -8,12 +8,13 @@ from typing import Any
 import click
 import redis
 from flask import Flask
+from sqlalchemy import select
 
-from tidechat import accounts, db, errors, limits, oidc, security
+from tidechat import accounts, db, errors, limits, models, oidc, security
 from tidechat.config import INSTANCE_DIR, finalize, load_config
 from tidechat.redis_keys import RedisKeys
 from tidechat.stream_bus import StreamBus
-from tidechat.views import api, auth, events, page
+from tidechat.views import api, auth, events, openai_api, page
 from worker import celery_init_app
 
 
@@ -44,12 +45,32 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(events.bp)
     app.register_blueprint(auth.bp)
     app.register_blueprint(auth.admin_bp)
+    app.register_blueprint(auth.keys_bp)
+    app.register_blueprint(openai_api.bp)
 
     @app.cli.command("init-db")
     def init_db() -> None:
         """Create or migrate the database schema (the Procfile's release step)."""
         db.upgrade(app.config["DATABASE_URL"])
         click.echo("database is at the latest revision")
+
+    @app.cli.command("api-key")
+    @click.argument("action", type=click.Choice(["create"]))
+    @click.option("--user", "email", help="The account the key acts for (default: a new "
+                  "service account of its own).")  # fmt: skip
+    @click.option("--name", default="", help="A label for the key.")
+    def api_key(action: str, email: str | None, name: str) -> None:
+        """Create a key for the /v1 API; the key is the last line printed."""
+        with app.test_request_context():
+            s = db.session()
+            owner, user_id = models.new_id(), None
+            if email:
+                user = s.scalar(select(models.User).where(models.User.email == email.lower()))
+                if user is None:
+                    raise click.ClickException(f"no account with the email {email}")
+                owner, user_id = user.owner, user.id
+            _, secret = accounts.create_api_key(s, owner, user_id, name)
+        click.echo(secret)
 
     @app.cli.command("invite")
     def invite() -> None:

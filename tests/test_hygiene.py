@@ -430,7 +430,14 @@ class Fuzzer:
         cids = [new_conversation(client), new_conversation(client)]
         response = client.post(f"/api/conversations/{cids[0]}/messages", json={"content": "hi"})
         assert response.status_code == 202
-        return {"cid": cids, "gid": [response.get_json()["generation"]["id"]]}
+        key = client.post("/api/keys", json={"name": "fuzz"}).get_json()["id"]
+        me = client.get("/api/auth/me").get_json()["user"]  # a guest: no account id
+        return {
+            "cid": cids,
+            "gid": [response.get_json()["generation"]["id"]],
+            "key_id": [key],
+            "uid": [me["id"] if me else "0" * 32],
+        }
 
     def path(self, rule, id_choice) -> str:
         path = rule.rule
@@ -485,7 +492,8 @@ class Fuzzer:
         if status == 201 and path == "/api/conversations":
             self.own["cid"].append(response.get_json()["id"])
         if status == 204 and method == "DELETE":
-            self.own["cid"].remove(path.rsplit("/", 1)[1])
+            kind = "key_id" if path.startswith("/api/keys/") else "cid"
+            self.own[kind].remove(path.rsplit("/", 1)[1])
         if status == 202 and method == "POST" and path.endswith(("/messages", "/regenerate")):
             self.own["gid"].append(response.get_json()["generation"]["id"])
             self.cancel_pending(path.rsplit("/", 1)[0])

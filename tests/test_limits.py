@@ -303,3 +303,28 @@ def test_one_busy_account_does_not_starve_another(process_env, workdir, web, mod
     finally:
         server.stop()
         worker.stop()
+
+
+@pytest.mark.e2e
+def test_api_streams_count_against_the_same_cap_and_start_nothing_past_it(
+    tight_stack, model_server
+):
+    import openai
+
+    with httpx.Client(base_url=tight_stack.url, timeout=30) as http:
+        key = http.post("/api/keys", json={}).json()["key"]
+    client = openai.OpenAI(base_url=tight_stack.url + "/v1", api_key=key, max_retries=0)
+    slow = model_server.script(chunks=["a"] * 40, delay=0.25)
+    streams = [
+        client.responses.create(model=slow, input="hi", background=True, stream=True)
+        for _ in range(2)
+    ]
+    for stream in streams:
+        next(iter(stream))  # open and flowing
+    refused = model_server.script(chunks=["never"])
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.responses.create(model=refused, input="hi", stream=True)
+    assert caught.value.body["code"] == "too_many_streams"
+    assert model_server.requests_for(refused) == []
+    for stream in streams:
+        stream.close()

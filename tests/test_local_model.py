@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 import psutil
 import pytest
 import redis
@@ -156,6 +157,35 @@ def test_real_model_resume_mid_answer_yields_exactly_the_rest(local_http):
     assert head + tail == full
     stored = local_http.get(f"/api/conversations/{cid}").json()["messages"][-1]
     assert text(full) == stored["content"]
+
+
+def test_real_model_through_the_openai_api_resumes_exactly(local_http, local_app):
+    """The /v1 Responses API over the real local model: a background stream cut after a
+    few words and resumed with the official SDK gives exactly the stored answer."""
+    key = local_http.post("/api/keys", json={"name": "local"}).json()["key"]
+    client = openai.OpenAI(base_url=local_app.url + "/v1", api_key=key, timeout=120)
+    stream = client.responses.create(
+        model=LOCAL_MODEL, input="Write three sentences about the tide.", background=True,
+        stream=True,
+    )  # fmt: skip
+    head = []
+    for event in stream:
+        head.append(event)
+        if sum(e.type == "response.output_text.delta" for e in head) == 3:
+            break
+    stream.close()
+    rest = list(
+        client.responses.retrieve(head[0].response.id, stream=True,
+                                  starting_after=head[-1].sequence_number)
+    )  # fmt: skip
+    assert rest[-1].type in ("response.completed", "response.incomplete")
+    final = client.responses.retrieve(head[0].response.id)
+    assert delta_text(head) + delta_text(rest) == final.output_text
+    assert final.output_text.strip()
+
+
+def delta_text(events: list) -> str:
+    return "".join(e.delta for e in events if e.type == "response.output_text.delta")
 
 
 def test_real_model_stop(local_http):

@@ -32,13 +32,16 @@ from sqlalchemy.orm import Session
 
 from tidechat import db
 from tidechat.errors import ApiError
-from tidechat.models import AuthSession, Conversation, Invite, User, new_id, utcnow
+from tidechat.models import ApiKey, AuthSession, Conversation, Invite, User, new_id, utcnow
 
 _hasher = PasswordHasher()
 _EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s.]+(\.[^@\s.]+)+", re.ASCII)
 _MAX_PASSWORD_CHARS = 1000
 _TOUCH_EVERY = timedelta(hours=1)  # how often a session's last use is written down
 _G_USER = "tidechat_user"
+_G_KEY = "tidechat_api_key"
+API_PATH = "/v1/"  # the OpenAI-compatible API: bearer keys, never cookies
+KEY_PREFIX = "tc-"
 
 
 def init_app(app: Flask) -> None:
@@ -70,7 +73,13 @@ def current_user() -> User | None:
 
 
 def current_owner() -> str:
-    """The owner id of everything this request may see: its account's, else its guest's."""
+    """The owner id of everything this request may see: its API key's (on /v1), else its
+    account's, else its guest's."""
+    if request.path.startswith(API_PATH):
+        key = current_key()
+        if key is None:
+            raise ApiError(401, "invalid_api_key", "Incorrect or revoked API key.")
+        return key.owner
     user = current_user()
     if user is not None:
         return user.owner
@@ -107,6 +116,73 @@ def _user_of_session() -> User | None:
         row.last_seen_at = now
         s.commit()
     return row.user
+
+
+def current_key() -> ApiKey | None:
+    """The API key of this request's ``Authorization: Bearer``, if it is a live one."""
+    if _G_KEY not in g:
+        g.setdefault(_G_KEY, _key_of_request())
+    return g.get(_G_KEY)
+
+
+def _key_of_request() -> ApiKey | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token.startswith(KEY_PREFIX) or len(token) > 200:
+        return None
+    s = db.session()
+    key = s.scalar(
+        select(ApiKey).where(ApiKey.key_hash == _digest(token), ApiKey.revoked_at.is_(None))
+    )
+    if key is None or (key.user is not None and key.user.disabled):
+        return None
+    now = utcnow()
+    if key.last_used_at is None or now - key.last_used_at > _TOUCH_EVERY:
+        key.last_used_at = now
+        s.commit()
+    return key
+
+
+def create_api_key(
+    s: Session, owner: str, user_id: str | None, name: Any = ""
+) -> tuple[ApiKey, str]:
+    """A new key acting as ``owner``, and its secret: shown once, never stored."""
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    label = name.strip()[:100] if isinstance(name, str) else ""
+    key = ApiKey(
+        id=new_id(), key_hash=_digest(secret), owner=owner, user_id=user_id, name=label,
+        hint=secret[-4:],
+    )  # fmt: skip
+    s.add(key)
+    s.commit()
+    return key, secret
+
+
+def api_keys(s: Session, owner: str) -> list[ApiKey]:
+    query = (
+        select(ApiKey)
+        .where(ApiKey.owner == owner, ApiKey.revoked_at.is_(None))
+        .order_by(ApiKey.created_at)
+    )
+    return list(s.scalars(query))
+
+
+def revoke_api_key(s: Session, owner: str, key_id: str) -> None:
+    key = s.get(ApiKey, key_id) if isinstance(key_id, str) and len(key_id) <= 32 else None
+    if key is None or key.owner != owner or key.revoked_at is not None:
+        raise ApiError(404, "not_found", "No such API key.")
+    key.revoked_at = utcnow()
+    s.commit()
+
+
+def serialize_key(key: ApiKey) -> dict[str, Any]:
+    return {
+        "id": key.id,
+        "name": key.name,
+        "hint": "…" + key.hint,
+        "created_at": key.created_at.isoformat(),
+        "last_used_at": key.last_used_at.isoformat() if key.last_used_at else None,
+    }
 
 
 def _session_lifetime() -> timedelta:
@@ -175,8 +251,11 @@ def start_session(s: Session, user: User) -> None:
     """Sign this browser in as ``user`` (a new session token: never the one it came with)."""
     guest = session.get("owner")
     if isinstance(guest, str) and guest != user.owner:
-        # Chats this browser made as a guest join the account.
+        # Chats (and API keys) this browser made as a guest join the account.
         s.execute(update(Conversation).where(Conversation.owner == guest).values(owner=user.owner))
+        s.execute(
+            update(ApiKey).where(ApiKey.owner == guest).values(owner=user.owner, user_id=user.id)
+        )
     token = secrets.token_urlsafe(32)
     agent = (request.user_agent.string or "")[:200] or None
     s.add(AuthSession(token_hash=_digest(token), user_id=user.id, user_agent=agent))

@@ -129,17 +129,54 @@ def in_progress(conv: Conversation) -> Message | None:
 
 
 def start_turn(
-    s: Session, conv: Conversation, content: str, model: str, gid: str
+    s: Session, conv: Conversation, content: str, model: str, gid: str, request: dict | None = None
 ) -> tuple[Message, Message]:
     """Store the user's message and a queued assistant message for generation ``gid``."""
-    if not conv.messages:
+    if not any(m.role == "user" for m in conv.messages):
         conv.title = title_from(content)
     user = Message(id=new_id(), role="user", content=content, status=models.DONE)
     conv.messages.append(user)
-    return user, queue_answer(s, conv, model, gid)
+    return user, queue_answer(s, conv, model, gid, request)
 
 
-def queue_answer(s: Session, conv: Conversation, model: str, gid: str) -> Message:
+def add_history(conv: Conversation, turns: list[tuple[str, str]]) -> None:
+    """Earlier turns an API client sent along (``(role, text)``), as finished messages."""
+    for role, text in turns:
+        if not conv.messages and role == "user":
+            conv.title = title_from(text)
+        conv.messages.append(Message(id=new_id(), role=role, content=text, status=models.DONE))
+
+
+def branch(s: Session, conv: Conversation, upto: Message) -> Conversation:
+    """A new conversation of the same owner with copies of ``conv``'s messages up to and
+    including ``upto``: going on from an earlier answer leaves the original as it was."""
+    copy = Conversation(
+        owner=conv.owner, title=conv.title, system_prompt=conv.system_prompt,
+        model=conv.model, temperature=conv.temperature,
+    )  # fmt: skip
+    for msg in conv.messages:
+        if msg.seq > upto.seq:
+            break
+        if msg.status in models.FINAL_STATUSES or msg.role == "user":
+            copy.messages.append(
+                Message(
+                    id=new_id(),
+                    role=msg.role,
+                    content=msg.content,
+                    status=msg.status,
+                    model=msg.model,
+                    finish_reason=msg.finish_reason,
+                    usage=msg.usage,
+                    error=msg.error,
+                )  # fmt: skip
+            )
+    s.add(copy)
+    return copy
+
+
+def queue_answer(
+    s: Session, conv: Conversation, model: str, gid: str, request: dict | None = None
+) -> Message:
     """A queued assistant message for generation ``gid``, committed."""
     assistant = Message(
         id=new_id(),
@@ -148,6 +185,7 @@ def queue_answer(s: Session, conv: Conversation, model: str, gid: str) -> Messag
         status=models.QUEUED,
         model=model,
         generation_id=gid,
+        request=request,
     )
     conv.messages.append(assistant)
     conv.updated_at = utcnow()

@@ -24,11 +24,16 @@ RETRY_AFTER_S = 5
 
 class ApiError(Exception):
     def __init__(
-        self, status: int, code: str, message: str, retry_after: int | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        retry_after: int | None = None,
+        param: str | None = None,  # the request field at fault (OpenAI's errors name it)
     ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
-        self.retry_after = retry_after
+        self.retry_after, self.param = retry_after, param
 
 
 def not_found(what: str = "resource") -> ApiError:

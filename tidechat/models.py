@@ -77,6 +77,9 @@ class Message(Base):
     usage: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     error: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # What an API client asked of this answer (/v1): temperature, max_tokens, and the
+    # Responses API's own fields it echoes back (instructions, background, ...).
+    request: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
 
@@ -126,3 +129,24 @@ class Invite(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     used_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class ApiKey(Base):
+    """A bearer key for the OpenAI-compatible API (/v1). It acts as ``owner`` (its
+    account's, a guest's, or a service account's of its own); only its hash is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    user_id: Mapped[str | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), nullable=True
+    )
+    name: Mapped[str] = mapped_column(String(100), default="")
+    hint: Mapped[str] = mapped_column(String(16))  # the key's last characters, to tell keys apart
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    user: Mapped[User | None] = relationship()

@@ -95,5 +95,9 @@ def fit_context(messages: list[dict[str, str]], budget: int) -> list[dict[str, s
     return system + kept
 
 
-def max_output_tokens(config: dict[str, Any]) -> int:
-    return int(config["MAX_OUTPUT_TOKENS"])
+def max_output_tokens(config: dict[str, Any], requested: int | None = None) -> int:
+    """An answer's max_tokens: what the client asked, within ``MAX_OUTPUT_TOKENS``."""
+    cap = int(config["MAX_OUTPUT_TOKENS"])
+    if requested:
+        return min(requested, cap) if cap else requested
+    return cap

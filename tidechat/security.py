@@ -91,7 +91,8 @@ def init_app(app: Flask) -> None:
     def _guard():
         if force_https and not request.is_secure:
             return _to_https()
-        if request.method in UNSAFE_METHODS:
+        # /v1 authenticates by bearer key, never by cookie: no ambient credential to forge
+        if request.method in UNSAFE_METHODS and not request.path.startswith("/v1/"):
             if is_cross_site():
                 return _error(
                     403, "cross_site", "Cross-site requests are refused; use this site's own page."

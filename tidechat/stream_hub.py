@@ -32,16 +32,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """One stream entry, encoded for the wire once and shared by every subscriber."""
+    """One stream entry, encoded for the wire once and shared by every subscriber (the
+    entry itself too, for doors that speak another wire format: /v1)."""
 
     id: tuple[int, int]
     wire: bytes
     terminal: bool
+    entry: Entry
 
 
 def encode_entry(entry: Entry) -> Frame:
     wire = ServerSentEvent(id=entry.id, event=entry.event, data=entry.data).encode()
-    return Frame(id_tuple(entry.id), wire, entry.terminal)
+    return Frame(id_tuple(entry.id), wire, entry.terminal, entry)
 
 
 class Subscription:
@@ -62,7 +64,7 @@ class Subscription:
         # terminal event is delivered; "drained" if this process stops first
         self.status = "pending"
         self._hub = hub
-        self._frames: list[bytes] = []
+        self._frames: list[Frame] = []
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._wakeup = threading.Event()
@@ -72,13 +74,18 @@ class Subscription:
 
     def get(self, timeout: float) -> tuple[bytes, bool] | None:
         """Wait for events: (wire bytes of every pending event, reached the end), or None."""
+        got = self.get_frames(timeout)
+        return None if got is None else (b"".join(f.wire for f in got[0]), got[1])
+
+    def get_frames(self, timeout: float) -> tuple[list[Frame], bool] | None:
+        """Wait for events: (every pending frame, reached the end), or None."""
         if not self._wakeup.wait(timeout):
             return None
         with self._lock:
             self._wakeup.clear()
             frames, self._frames = self._frames, []
             ended = self.status == "ended"
-        return b"".join(frames), ended
+        return frames, ended
 
     def close(self) -> None:
         self._hub.unsubscribe(self)
@@ -106,7 +113,7 @@ class Subscription:
                     if frame.terminal:
                         self.status = "ended"
                     continue
-                self._frames.append(frame.wire)
+                self._frames.append(frame)
                 self.cursor = frame.id
                 if frame.terminal:
                     self.status = "ended"

@@ -177,11 +177,12 @@ class Generation:
         # database connections for its whole stream (it capped concurrent generations at
         # the pool size).
         s.commit()
+        asked = msg.request or {}  # an API client's own settings for this answer
         return model_client.Request(
             model=msg.model,
             messages=messages,
-            temperature=conv.temperature,
-            max_tokens=policy.max_output_tokens(self.cfg),
+            temperature=asked.get("temperature", conv.temperature),
+            max_tokens=policy.max_output_tokens(self.cfg, asked.get("max_tokens")),
             prefix=prefix,
             continuation=self.cfg["CONTINUATION"],
         )

@@ -6,19 +6,14 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request, url_for
 
-from tidechat import chat, db, hygiene, limits, models, policy
+from tidechat import answers, chat, db, hygiene, limits, models, policy
 from tidechat.accounts import current_owner
-from tidechat.errors import REDIS_DOWN, ApiError, unavailable
+from tidechat.answers import bus
+from tidechat.errors import ApiError
 from tidechat.models import Conversation
-from tidechat.stream_bus import DONE, StreamBus
-from tidechat.views.hub import get_hub
-from worker import enqueue_generation
+from tidechat.stream_hub import Subscription
 
 bp = Blueprint("api", __name__, url_prefix="/api")
-
-
-def bus() -> StreamBus:
-    return current_app.extensions["stream_bus"]
 
 
 def json_body() -> dict[str, Any]:
@@ -132,15 +127,12 @@ def post_message(cid: str):
     content, model, stream = parse_message(body)
     s = db.session()
     conv = chat.owned_conversation(s, current_owner(), cid)
-    ensure_idle(s, conv)
+    answers.ensure_idle(s, conv)
     model = resolve_model(conv, model)
-    admission = limits.admit(models.new_id())
-    try:
-        user, assistant = chat.start_turn(s, conv, content, model, admission.gid)
-    except BaseException:
-        admission.withdraw()
-        raise
-    return launch(user, assistant, stream, admission)
+    assistant, sub = answers.start(
+        lambda gid: chat.start_turn(s, conv, content, model, gid)[1], follow=not stream
+    )
+    return answered(assistant, sub)
 
 
 @bp.post("/conversations/<cid>/regenerate")
@@ -151,66 +143,23 @@ def regenerate(cid: str):
     model = parse_model(body)
     s = db.session()
     conv = chat.owned_conversation(s, current_owner(), cid)
-    ensure_idle(s, conv)
+    answers.ensure_idle(s, conv)
     user = chat.last_user_message(conv)
     if user is None:
         raise ApiError(400, "nothing_to_regenerate", "There is no message to answer again.")
     model = resolve_model(conv, model)
-    admission = limits.admit(models.new_id())
-    try:
+
+    def store(gid: str) -> models.Message:
         for msg in [m for m in conv.messages if m.seq > user.seq]:
             conv.messages.remove(msg)
-        assistant = chat.queue_answer(s, conv, model, admission.gid)
-    except BaseException:
-        admission.withdraw()
-        raise
-    return launch(user, assistant, True, admission)
+        return chat.queue_answer(s, conv, model, gid)
 
-
-def ensure_idle(s, conv: Conversation) -> None:
-    pending = chat.in_progress(conv)
-    if pending is not None:
-        chat.reconcile(s, bus(), pending)
-        if pending.status not in models.FINAL_STATUSES:
-            raise ApiError(409, "generation_in_progress", "Wait for the answer, or stop it first.")
+    return answered(*answers.start(store))
 
 
 def resolve_model(conv: Conversation, requested: str | None) -> str:
     model = requested or conv.model or current_app.config["DEFAULT_MODEL"]
     return policy.check_model(current_app, model)
-
-
-def launch(
-    user: models.Message, assistant: models.Message, stream: bool, admission: limits.Admission
-):
-    """Enqueue the assistant message's generation; answer 202, or 200 once done."""
-    gid = assistant.generation_id
-    sub = None
-    try:
-        bus().create(gid)
-        sub = None if stream else get_hub().subscribe(gid)  # before enqueue: miss nothing
-        enqueue_generation(current_app, gid, admission.priority)
-    except REDIS_DOWN:
-        # Not queued: end the answer now, so the chat is not left waiting for it forever
-        # (the page offers Retry), and tell the client to try again.
-        if sub is not None:
-            sub.close()
-        admission.withdraw()
-        chat.fail_unqueued(db.session(), assistant, unavailable("Redis"))
-        raise
-    if sub is not None:
-        return finish_non_streaming(sub, assistant)
-    return jsonify(
-        {
-            "message": chat.serialize_message(user),
-            "generation": {
-                "id": gid,
-                "message_id": assistant.id,
-                "events_url": url_for("events.generation_events", gid=gid),
-                "cancel_url": url_for("api.cancel_generation", gid=gid),
-            },
-        }
-    ), 202
 
 
 def parse_message(body: dict[str, Any]) -> tuple[str, str | None, bool]:
@@ -238,26 +187,6 @@ def check_length(field: str, value: str) -> None:
         raise ApiError(413, code, f"'{field}' may be at most {limit} characters.")
 
 
-def finish_non_streaming(sub, assistant: models.Message):
-    """stream=false: the worker still generates; this request waits for the end."""
-    timeout = float(current_app.config["NONSTREAM_TIMEOUT"])
-    try:
-        if not sub.wait_ready(timeout):
-            raise ApiError(504, "timeout", "The answer did not finish in time.")
-        ended = sub.status != "live"
-        while not ended:
-            got = sub.get(timeout)
-            if got is None:
-                raise ApiError(504, "timeout", "The answer did not finish in time.")
-            ended = got[1]
-    finally:
-        sub.close()
-    s = db.session()
-    s.refresh(assistant)
-    chat.reconcile(s, bus(), assistant)
-    return jsonify({"message": chat.serialize_message(assistant)}), 200
-
-
 @bp.get("/generations/<gid>")
 def get_generation(gid: str):
     s = db.session()
@@ -271,24 +200,8 @@ def get_generation(gid: str):
 def cancel_generation(gid: str):
     s = db.session()
     msg = chat.owned_generation(s, current_owner(), gid)
-    chat.reconcile(s, bus(), msg)
-    if msg.status in models.FINAL_STATUSES:
-        return jsonify(chat.generation_view(bus(), msg)), 200
-    bus().request_cancel(gid)
-    # Not started yet: end it here; the worker will find it finished and skip it. And if
-    # Redis lost its state, nobody else can end it: end it here too.
-    # Its worker gone (no lease), or Redis lost the state of an answer no worker holds
-    # (the text of one that streams is the worker's: it ends that itself, state_lost).
-    cancelled = {"finish_reason": "cancelled", "usage": None}
-    if msg.status == models.QUEUED and bus().end_lost(gid, DONE, cancelled, models.CANCELLED):
-        chat.record_end(s, msg, msg.content, models.CANCELLED, cancelled)
-    elif (msg.status == models.QUEUED and bus().cancel_queued(gid)) or bus().reap(
-        gid, cancelled, DONE, models.CANCELLED
-    ):
-        chat.reconcile(s, bus(), msg)
-    if msg.status in models.FINAL_STATUSES:
-        return jsonify(chat.generation_view(bus(), msg)), 200
-    return jsonify(chat.generation_view(bus(), msg)), 202
+    over = answers.cancel(s, msg)
+    return jsonify(chat.generation_view(bus(), msg)), 200 if over else 202
 
 
 @bp.post("/generations/<gid>/continue")
@@ -302,11 +215,30 @@ def continue_generation(gid: str):
     if msg.status != models.INTERRUPTED or conv.messages[-1] is not msg:
         raise ApiError(409, "not_interrupted", "Only the last, interrupted answer can continue.")
     policy.check_model(current_app, msg.model or current_app.config["DEFAULT_MODEL"])
-    admission = limits.admit(models.new_id())
-    try:
-        msg.generation_id, msg.status, msg.finish_reason = admission.gid, models.QUEUED, None
+
+    def store(gid: str) -> models.Message:
+        msg.generation_id, msg.status, msg.finish_reason = gid, models.QUEUED, None
         s.commit()
-    except BaseException:
-        admission.withdraw()
-        raise
-    return launch(chat.last_user_message(conv), msg, True, admission)
+        return msg
+
+    return answered(*answers.start(store))
+
+
+def answered(assistant: models.Message, sub: Subscription | None = None):
+    """202 with where to follow the answer; or, when following it here (stream=false),
+    200 once it is over."""
+    if sub is not None:
+        return jsonify({"message": chat.serialize_message(answers.wait_end(sub, assistant))}), 200
+    gid = assistant.generation_id
+    user = chat.last_user_message(assistant.conversation)
+    return jsonify(
+        {
+            "message": chat.serialize_message(user),
+            "generation": {
+                "id": gid,
+                "message_id": assistant.id,
+                "events_url": url_for("events.generation_events", gid=gid),
+                "cancel_url": url_for("api.cancel_generation", gid=gid),
+            },
+        }
+    ), 202

@@ -11,6 +11,7 @@ from tidechat.views.api import json_body
 
 bp = Blueprint("auth", __name__, url_prefix="/api/auth")
 admin_bp = Blueprint("admin", __name__, url_prefix="/api/admin")
+keys_bp = Blueprint("keys", __name__, url_prefix="/api/keys")
 
 
 def _me():
@@ -94,3 +95,28 @@ def update_user(uid: str):
 def create_invite():
     code = accounts.create_invite(db.session(), accounts.require_admin().id)
     return jsonify({"code": code, "url": url_for("page.index", invite=code, _external=True)}), 201
+
+
+@keys_bp.get("")
+def list_keys():
+    keys = accounts.api_keys(db.session(), accounts.current_owner())
+    return jsonify({"keys": [accounts.serialize_key(k) for k in keys]})
+
+
+@keys_bp.post("")
+@limits.writes
+def create_key():
+    body = json_body() if limits.has_body() else {}
+    user = accounts.current_user()
+    s = db.session()
+    key, secret = accounts.create_api_key(
+        s, accounts.current_owner(), user.id if user else None, body.get("name", "")
+    )
+    return jsonify({**accounts.serialize_key(key), "key": secret}), 201
+
+
+@keys_bp.delete("/<key_id>")
+@limits.writes
+def revoke_key(key_id: str):
+    accounts.revoke_api_key(db.session(), accounts.current_owner(), key_id)
+    return "", 204

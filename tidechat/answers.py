@@ -1,0 +1,109 @@
+"""Starting, following and stopping answers: the one core every door calls (the page's
+JSON API in views/api.py, the OpenAI-compatible API in views/openai_api.py).
+
+An answer is an assistant message with a generation id. Starting one admits it against the
+limits, stores it queued, creates its stream and enqueues its task; the worker streams the
+model's text into the stream; any web process follows it through its StreamHub.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flask import current_app
+
+from tidechat import chat, db, limits, models
+from tidechat.errors import REDIS_DOWN, ApiError, unavailable
+from tidechat.models import Conversation, Message
+from tidechat.stream_bus import DONE, StreamBus
+from tidechat.stream_hub import Subscription
+from tidechat.views.hub import get_hub
+from worker import enqueue_generation
+
+
+def bus() -> StreamBus:
+    return current_app.extensions["stream_bus"]
+
+
+def start(
+    store: Callable[[str], Message], follow: bool = False
+) -> tuple[Message, Subscription | None]:
+    """Admit a new answer, store it with ``store(generation id)`` (which commits the
+    queued assistant message), and queue it. With ``follow``, also a subscription to its
+    stream from the start."""
+    admission = limits.admit(models.new_id())
+    try:
+        assistant = store(admission.gid)
+    except BaseException:
+        admission.withdraw()
+        raise
+    return assistant, _launch(assistant, admission, follow)
+
+
+def _launch(assistant: Message, admission: limits.Admission, follow: bool) -> Subscription | None:
+    gid = assistant.generation_id
+    sub = None
+    try:
+        bus().create(gid)
+        sub = get_hub().subscribe(gid) if follow else None
+        enqueue_generation(current_app, gid, admission.priority)
+    except REDIS_DOWN:
+        # Not queued: end the answer now, so the chat is not left waiting for it forever
+        # (the page offers Retry), and tell the client to try again.
+        if sub is not None:
+            sub.close()
+        admission.withdraw()
+        chat.fail_unqueued(db.session(), assistant, unavailable("Redis"))
+        raise
+    return sub
+
+
+def ensure_idle(s, conv: Conversation) -> None:
+    """409 while the conversation's last answer is still being written."""
+    pending = chat.in_progress(conv)
+    if pending is not None:
+        chat.reconcile(s, bus(), pending)
+        if pending.status not in models.FINAL_STATUSES:
+            raise ApiError(409, "generation_in_progress", "Wait for the answer, or stop it first.")
+
+
+def wait_end(sub: Subscription, assistant: Message) -> Message:
+    """Wait until the answer is over (``NONSTREAM_TIMEOUT`` at most, then 504); the
+    message as stored."""
+    timeout = float(current_app.config["NONSTREAM_TIMEOUT"])
+    try:
+        if not sub.wait_ready(timeout):
+            raise ApiError(504, "timeout", "The answer did not finish in time.")
+        ended = sub.status != "live"
+        while not ended:
+            got = sub.get_frames(timeout)
+            if got is None:
+                raise ApiError(504, "timeout", "The answer did not finish in time.")
+            ended = got[1]
+    finally:
+        sub.close()
+    s = db.session()
+    s.refresh(assistant)
+    chat.reconcile(s, bus(), assistant)
+    return assistant
+
+
+def cancel(s, msg: Message) -> bool:
+    """Ask an answer to stop (idempotent); whether it is over now."""
+    chat.reconcile(s, bus(), msg)
+    if msg.status in models.FINAL_STATUSES:
+        return True
+    gid = msg.generation_id
+    bus().request_cancel(gid)
+    # Not started yet: end it here; the worker will find it finished and skip it. And if
+    # Redis lost its state, nobody else can end it: end it here too.
+    # Its worker gone (no lease), or Redis lost the state of an answer no worker holds
+    # (the text of one that streams is the worker's: it ends that itself, state_lost).
+    cancelled = {"finish_reason": "cancelled", "usage": None}
+    if msg.status == models.QUEUED and bus().end_lost(gid, DONE, cancelled, models.CANCELLED):
+        chat.record_end(s, msg, msg.content, models.CANCELLED, cancelled)
+    elif (msg.status == models.QUEUED and bus().cancel_queued(gid)) or bus().reap(
+        gid, cancelled, DONE, models.CANCELLED
+    ):
+        chat.reconcile(s, bus(), msg)
+    return msg.status in models.FINAL_STATUSES
