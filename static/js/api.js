@@ -73,6 +73,9 @@ export const api = {
   setUserDisabled: (uid, disabled) =>
     request("PATCH", `/api/admin/users/${encodeURIComponent(uid)}`, { disabled }),
   createInvite: () => request("POST", "/api/admin/invites"),
+  keys: async () => (await request("GET", "/api/keys")).keys,
+  createKey: (name) => request("POST", "/api/keys", { name }),
+  revokeKey: (id) => request("DELETE", `/api/keys/${encodeURIComponent(id)}`),
   eventsUrl: (gid, after) =>
     `${generation(gid)}/events${after ? `?after=${encodeURIComponent(after)}` : ""}`,
 };

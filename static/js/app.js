@@ -7,6 +7,7 @@ import { initAccount } from "./account.js";
 import { api, FINAL_STATUSES } from "./api.js";
 import { Composer } from "./composer.js";
 import { announce } from "./dom.js";
+import { closeKeys, initKeys } from "./keys.js";
 import { AssistantView, userMessage } from "./messages.js";
 import { Settings } from "./settings.js";
 import { Sidebar } from "./sidebar.js";
@@ -533,10 +534,12 @@ function lockPage() {
   detachLive();
   closeSidebar();
   if ($("delete-dialog").open) $("delete-dialog").close();
+  closeKeys();
 }
 
 // A guest may chat at once; where a sign-in is required, the chat starts (and calls the
 // API) only once the server says who is signed in.
+initKeys();
 const account = initAccount({ onLocked: lockPage, showAlert });
 if ((document.body.dataset.authMode || "guest") === "guest") {
   start();
