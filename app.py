@@ -10,7 +10,7 @@ import redis
 from flask import Flask
 from sqlalchemy import select
 
-from tidechat import accounts, db, errors, limits, models, oidc, security
+from tidechat import accounts, db, errors, health, limits, models, oidc, security
 from tidechat.config import INSTANCE_DIR, finalize, load_config
 from tidechat.redis_keys import RedisKeys
 from tidechat.stream_bus import StreamBus
@@ -47,6 +47,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(auth.admin_bp)
     app.register_blueprint(auth.keys_bp)
     app.register_blueprint(openai_api.bp)
+    health.init_app(app)
 
     @app.cli.command("init-db")
     def init_db() -> None:

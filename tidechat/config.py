@@ -98,6 +98,11 @@ DEFAULTS: dict[str, Any] = {
     "SWEEP_INTERVAL": 10.0,  # seconds between sweeps for answers nobody will finish
     "QUEUE_TIMEOUT": 900.0,  # seconds an answer may wait for a worker, then queue_timeout
     "DRAIN_SECONDS": 25.0,  # at SIGTERM, answers still running after this are handed on
+    # Operations (tidechat/health.py, worker/heartbeat.py)
+    "HEARTBEAT_INTERVAL": 5.0,  # seconds between a worker's heartbeats
+    "READY_TIMEOUT": 2.0,  # seconds /readyz waits for Redis or the database
+    "OPS_TOKEN": "",  # bearer token of the operator's endpoints (/metrics, /readyz details)
+    "OPS_ALLOW": "127.0.0.1,::1",  # addresses that need no token for them
     # Celery
     "CELERY_QUEUE": "tidechat",
     "NONSTREAM_TIMEOUT": 300.0,  # seconds a stream=false request waits for its answer

@@ -12,7 +12,9 @@ Per generation ``<gid>``:
 Channels:
 - ``<p>cancel``            pub/sub: a generation id, published when its owner asks to stop.
 Process-wide:
-- ``<p>sweeper``           the lock of the one process that sweeps at a time.
+- ``<p>sweeper``           the lock of the one process that sweeps at a time;
+- ``<p>workers``           sorted set: worker process ids by their last heartbeat;
+- ``<p>worker:<id>``       hash: that worker's last heartbeat (TTL 3 intervals).
 Per account or client address ``<who>`` (``acct:<owner>`` or ``ip:<address>``), for limits:
 - ``<p>active:<who>``      sorted set: its answers not yet over (generation ids);
 - ``<p>streams:<who>``     sorted set: its open event streams, scored by when they expire;
@@ -69,3 +71,9 @@ class RedisKeys:
 
     def celery_queue(self, queue: str) -> str:
         return f"{self.prefix}celery:{queue}"
+
+    def workers(self) -> str:
+        return f"{self.prefix}workers"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}worker:{worker_id}"

@@ -20,7 +20,10 @@ def celery_init_app(app: Flask) -> Celery:
     celery_app = Celery(app.name, task_cls=FlaskTask, include=["worker.tasks"])
     celery_app.config_from_object(app.config["CELERY"])
     celery_app.set_default()
+    celery_app.flask_app = app  # for worker signals (worker/heartbeat.py)
     app.extensions["celery"] = celery_app
+    from worker import heartbeat  # noqa: F401  (connects its worker_ready handler)
+
     return celery_app
 
 

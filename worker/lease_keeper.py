@@ -105,6 +105,7 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._handoff_at: float | None = None
+        self._served_at = time.monotonic()  # the last turn of its loop (or its creation)
 
     def hold(self, gid: str, fence: int) -> Lease:
         lease = Lease(gid, fence, self.deadlines)
@@ -129,6 +130,14 @@ class LeaseKeeper:
         return self._handoff_at is not None
 
     @property
+    def healthy(self) -> bool:
+        """Not started (no answer yet), or running and going round its loop."""
+        if self._thread is None:
+            return True
+        stalled = time.monotonic() - self._served_at > max(10 * self.renew_every, 10.0)
+        return self._thread.is_alive() and not stalled
+
+    @property
     def count(self) -> int:
         with self._lock:
             return len(self._leases)
@@ -150,6 +159,7 @@ class LeaseKeeper:
         try:
             next_renewal = time.monotonic()
             while True:
+                self._served_at = time.monotonic()
                 wait = max(0.0, next_renewal - time.monotonic())
                 message = pubsub.get_message(timeout=wait)
                 if message is not None:

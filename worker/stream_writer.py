@@ -44,6 +44,9 @@ def refusal(exc: Exception) -> dict[str, str] | None:
     return INTERNAL_ERROR
 
 
+FAILURE_MEMORY_S = 60.0  # how long a refused append marks the writer unhealthy
+
+
 class Outbox:
     """One generation's deltas on their way to Redis.
 
@@ -88,10 +91,19 @@ class StreamWriter:
         self._ready = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.last_written: float | None = None  # monotonic times of the last append...
+        self.last_failed: float | None = None  # ...and of the last one Redis refused for good
 
     @property
     def healthy(self) -> bool:
-        return self._thread is None or self._thread.is_alive()
+        """Its thread runs, and its last appends did not fail (a failure counts for a
+        minute, or until an append succeeds after it)."""
+        if self._thread is not None and not self._thread.is_alive():
+            return False
+        failed = self.last_failed
+        if failed is None or time.monotonic() - failed > FAILURE_MEMORY_S:
+            return True
+        return self.last_written is not None and self.last_written > failed
 
     def put(self, outbox: Outbox, text: str) -> bool:
         """Queue a delta; False once the generation is no longer this worker's to write."""
@@ -186,6 +198,7 @@ class StreamWriter:
                 refused = refusal(reply)
                 if final or refused:
                     log.error("generation %s: Redis refused its text: %s", box.gid, reply)
+                    self.last_failed = time.monotonic()
                     self._fail(box, refused or UNAVAILABLE)
                 else:
                     log.warning("generation %s: appending failed (%s); retrying", box.gid, reply)
@@ -198,5 +211,6 @@ class StreamWriter:
                 box.stopped = True
             else:
                 box.written.append(batch.text)
+            self.last_written = time.monotonic()
             self._done(box)
         return retry
