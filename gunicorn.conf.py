@@ -6,6 +6,12 @@ from gevent import monkey
 monkey.patch_all()
 
 import os  # noqa: E402
+import tempfile  # noqa: E402
+
+# Metrics of every worker process, in one directory (prometheus_client's multiprocess
+# mode): set before the app, and so prometheus_client, is imported in any worker.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="tidechat-metrics-")
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -44,3 +50,20 @@ def post_worker_init(worker) -> None:
     from tidechat import sweeper
 
     sweeper.start(worker.wsgi)  # every process offers to sweep; one at a time does
+
+
+def on_starting(server) -> None:
+    """A fresh start: no counts left from an earlier run in this directory (only
+    prometheus_client's own files are removed)."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.remove(os.path.join(directory, name))
+
+
+def child_exit(server, worker) -> None:
+    """A worker process is gone: its live gauges (open streams) no longer count."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

@@ -10,6 +10,8 @@ import sqlalchemy.exc
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from tidechat import metrics
+
 log = logging.getLogger(__name__)
 
 # Redis (streams, the task queue) or the database cannot be reached right now.
@@ -55,6 +57,7 @@ _HTTP_CODES = {
 
 
 def unavailable(what: str) -> ApiError:
+    (metrics.REDIS_ERRORS if what == "Redis" else metrics.DATABASE_ERRORS).inc()
     return ApiError(
         503, "unavailable", f"The service cannot reach its {what} right now; try again shortly."
     )

@@ -21,10 +21,11 @@ from typing import Any
 
 import click
 import redis
-from flask import Blueprint, Flask, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
-from tidechat import db
+from tidechat import db, metrics
 
 bp = Blueprint("health", __name__)
 _CLIENT = "tidechat.health_redis"
@@ -41,6 +42,15 @@ def readyz():
     if not operator():  # the public URL: counts, not hosts and pids
         report.pop("workers", None)
     return jsonify(report), 200 if ready else 503
+
+
+@bp.get("/metrics")
+def metrics_endpoint():
+    if not operator():  # the public URL must not expose them (nor say they exist)
+        return jsonify({"error": {"code": "not_found", "message": "Not found."}}), 404
+    app = current_app._get_current_object()
+    body = metrics.exposition(app, _redis(app, float(app.config["READY_TIMEOUT"])))
+    return Response(body, mimetype=CONTENT_TYPE_LATEST)
 
 
 def operator() -> bool:

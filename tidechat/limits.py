@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -26,10 +27,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
-from flask import Flask, current_app, request
+from flask import Flask, Response, current_app, request
 from flask_limiter import Limiter
 
-from tidechat import accounts, policy
+from tidechat import accounts, metrics, policy
 from tidechat.errors import ApiError
 from tidechat.redis_keys import RedisKeys
 
@@ -81,9 +82,23 @@ def init_app(app: Flask) -> None:
     app.config.setdefault("RATELIMIT_IN_MEMORY_FALLBACK_ENABLED", True)
     app.config.setdefault("RATELIMIT_SWALLOW_ERRORS", True)
     limiter.init_app(app)
+    app.after_request(_count_refusal)
     app.extensions["stream_slots"] = StreamSlots(
         app.extensions["stream_bus"].redis, app.extensions["redis_keys"]
     )
+
+
+def _count_refusal(response: Response) -> Response:
+    """Count every 429, app-wide, by its code (best effort: Redis may be what failed)."""
+    if response.status_code == 429:
+        body = response.get_json(silent=True) or {}
+        code = str((body.get("error") or {}).get("code") or "rate_limited")
+        with contextlib.suppress(redis.RedisError):
+            metrics.count(
+                current_app.extensions["stream_bus"].redis,
+                current_app.extensions["redis_keys"], "rate_limited", code,
+            )  # fmt: skip
+    return response
 
 
 def _setting(name: str) -> Callable[[], str]:
@@ -344,16 +359,28 @@ class StreamSlots:
             pipe.execute()
 
 
-def open_stream() -> Callable[[], None]:
-    """A slot for one more event stream of this request's account and address."""
+def open_stream(door: str) -> Callable[[], None]:
+    """A slot for one more event stream of this request's account and address; returns
+    its release (call it once the stream is over)."""
     cfg = current_app.config
     slots: StreamSlots = current_app.extensions["stream_slots"]
-    return slots.open(
+    release = slots.open(
         [
             ("acct:" + accounts.current_owner(), int(cfg["MAX_STREAMS"])),
             ("ip:" + accounts.client_address(), int(cfg["MAX_STREAMS_IP"])),
         ]
     )
+    gauge = metrics.OPEN_STREAMS.labels(door)
+    gauge.inc()
+    done = threading.Event()
+
+    def close() -> None:
+        if not done.is_set():
+            done.set()
+            gauge.dec()
+            release()
+
+    return close
 
 
 def used_tokens(usage: dict[str, Any] | None, prompt: str, answer: str) -> int:

@@ -14,7 +14,8 @@ Channels:
 Process-wide:
 - ``<p>sweeper``           the lock of the one process that sweeps at a time;
 - ``<p>workers``           sorted set: worker process ids by their last heartbeat;
-- ``<p>worker:<id>``       hash: that worker's last heartbeat (TTL 3 intervals).
+- ``<p>worker:<id>``       hash: that worker's last heartbeat (TTL 3 intervals);
+- ``<p>metrics``           hash: the app-wide metrics (tidechat/metrics.py).
 Per account or client address ``<who>`` (``acct:<owner>`` or ``ip:<address>``), for limits:
 - ``<p>active:<who>``      sorted set: its answers not yet over (generation ids);
 - ``<p>streams:<who>``     sorted set: its open event streams, scored by when they expire;
@@ -77,3 +78,6 @@ class RedisKeys:
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}worker:{worker_id}"
+
+    def metrics(self) -> str:
+        return f"{self.prefix}metrics"

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import redis
 
+from tidechat import metrics
 from tidechat.redis_keys import GenerationKeys, RedisKeys
 
 DELTA, DONE, ERROR = "delta", "done", "error"
@@ -244,12 +245,18 @@ class StreamBus:
         with self.redis.pipeline() as pipe:
             pipe.hset(k.meta, mapping={"state": QUEUED, "queued_at": now_ms()})
             pipe.expire(k.meta, self.stream_ttl * 24)
+            metrics.count(pipe, self.keys, "generations_queued")
             pipe.execute()
 
     def claim(self, gid: str, lease_ms: int) -> Claim | None:
         k = self.k(gid)
         got = self._claim(keys=[k.meta, k.lease], args=[lease_ms, now_ms()])
-        return Claim(int(got[0]), int(got[1])) if got else None
+        if not got:
+            return None
+        claim = Claim(int(got[0]), int(got[1]))
+        if claim.fence == 1:  # its first run (not one handed on by a deploy)
+            metrics.count(self.redis, self.keys, "generations_started")
+        return claim
 
     def append(
         self, gid: str, fence: int, seq: int, events: list[tuple[str, str]], pipe: Any = None
@@ -299,7 +306,10 @@ class StreamBus:
             keys=[k.stream, k.meta, k.lease, k.cancel],
             args=[event, dumps(payload), state, self.stream_ttl, mode, fence],
         )
-        return _text(result) or None
+        ended = _text(result) or None
+        if ended and ended != GONE:  # this call wrote the one terminal entry: count it
+            metrics.record_end(self.redis, self.keys, gid, ended, state, payload, mode)
+        return ended
 
     def release(self, gid: str, fence: int) -> bool:
         """Queue a running generation again for another worker to continue (a deploy)."""

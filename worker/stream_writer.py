@@ -20,6 +20,8 @@ from typing import Any
 
 import redis
 
+from tidechat import metrics
+from tidechat.policy import estimate_tokens
 from tidechat.stream_bus import DELTA, GONE, STOPPED, UNAVAILABLE, StreamBus, dumps
 
 log = logging.getLogger(__name__)
@@ -188,7 +190,9 @@ class StreamWriter:
             with self.bus.redis.pipeline(transaction=False) as pipe:
                 for b in batches:
                     self.bus.append(b.box.gid, b.box.fence, b.seq, [(DELTA, b.payload)], pipe)
-                replies: list[Any] = pipe.execute(raise_on_error=False)
+                tokens = sum(estimate_tokens(b.text) for b in batches)
+                metrics.count(pipe, self.bus.keys, "tokens_relayed", amount=tokens)
+                replies: list[Any] = pipe.execute(raise_on_error=False)[: len(batches)]
         except redis.RedisError as exc:
             replies = [exc] * len(batches)
         retry = []

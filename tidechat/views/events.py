@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from flask import Blueprint, Response, current_app, request
 from werkzeug.wsgi import ClosingIterator
 
-from tidechat import chat, db, limits, models
+from tidechat import chat, db, limits, metrics, models
 from tidechat.accounts import current_owner
 from tidechat.errors import ApiError
 from tidechat.sse import ServerSentEvent, ping
@@ -32,12 +32,15 @@ _DRAIN_RETRY_MS = 250
 
 
 def resume_cursor() -> str:
-    cursor = request.headers.get("Last-Event-ID")
+    cursor, source = request.headers.get("Last-Event-ID"), "Last-Event-ID"
     for name in CURSOR_PARAMS:
-        cursor = cursor or request.args.get(name)
+        if not cursor:
+            cursor, source = request.args.get(name), name
     cursor = cursor or "0"
     if not valid_cursor(cursor):
         raise ApiError(400, "invalid_cursor", "The resume cursor is not an event id.")
+    if cursor != "0":
+        metrics.RESUMES.labels(source).inc()
     return cursor
 
 
@@ -50,7 +53,7 @@ def generation_events(gid: str):
     hub = get_hub()
     if hub.draining:
         return _stream(iter(()), _DRAIN_RETRY_MS)
-    release = limits.open_stream()
+    release = limits.open_stream("page")
     try:
         response = _follow(msg, gid, cursor, hub)
     except BaseException:

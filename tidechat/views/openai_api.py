@@ -18,7 +18,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import ClosingIterator
 
-from tidechat import accounts, answers, chat, db, limits, models, policy
+from tidechat import accounts, answers, chat, db, limits, metrics, models, policy
 from tidechat import openai_wire as wire
 from tidechat.errors import DATABASE_DOWN, REDIS_DOWN, ApiError, unavailable
 from tidechat.models import Conversation, Message
@@ -183,6 +183,8 @@ def get_response(rid: str):
     except ValueError:
         raise _bad("'starting_after' must be a sequence number.", "starting_after") from None
     s.commit()  # give the connection back: the stream may be held open for long
+    if after >= 0:
+        metrics.RESUMES.labels("starting_after").inc()
     events = wire.ResponseEvents(msg, after)
     with _stream_slot(True) as release:
         sub = get_hub().subscribe(
@@ -327,7 +329,7 @@ def _conversation_for(s, previous: Any) -> Conversation:
 def _stream_slot(stream: bool) -> Iterator[Callable[[], None]]:
     """One of the account's (and address's) open-stream slots for a streamed answer, given
     back if what follows fails; the caller hands the release on to the response."""
-    release = limits.open_stream() if stream else (lambda: None)
+    release = limits.open_stream("v1") if stream else (lambda: None)
     try:
         yield release
     except BaseException:
