@@ -14,7 +14,7 @@ from tidechat import accounts, db, errors, health, limits, models, oidc, securit
 from tidechat.config import INSTANCE_DIR, finalize, load_config
 from tidechat.redis_keys import RedisKeys
 from tidechat.stream_bus import StreamBus
-from tidechat.views import api, auth, events, openai_api, page
+from tidechat.views import api, auth, events, openai_api, operations, page
 from worker import celery_init_app
 
 
@@ -47,6 +47,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(auth.admin_bp)
     app.register_blueprint(auth.keys_bp)
     app.register_blueprint(openai_api.bp)
+    app.register_blueprint(operations.bp)
     health.init_app(app)
 
     @app.cli.command("init-db")

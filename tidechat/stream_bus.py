@@ -8,7 +8,9 @@ and nothing is appended after it. Readers see entries as ``(id, event, data)`` w
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -222,6 +224,11 @@ class Claim:
     seq: int  # the last delta batch appended (by an earlier run, handed on): go on after it
 
 
+def process_name() -> str:
+    """This process as the operator sees it (host:pid): the worker running an answer."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 class StreamBus:
     """Reads and writes generations' streams through one redis-py client."""
 
@@ -254,8 +261,11 @@ class StreamBus:
         if not got:
             return None
         claim = Claim(int(got[0]), int(got[1]))
-        if claim.fence == 1:  # its first run (not one handed on by a deploy)
-            metrics.count(self.redis, self.keys, "generations_started")
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(k.meta, "worker", process_name())  # for the operator's view
+            if claim.fence == 1:  # its first run (not one handed on by a deploy)
+                metrics.count(pipe, self.keys, "generations_started")
+            pipe.execute()
         return claim
 
     def append(

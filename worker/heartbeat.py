@@ -20,13 +20,14 @@ from celery.signals import worker_ready
 from flask import Flask
 
 from tidechat.redis_keys import RedisKeys
+from tidechat.stream_bus import process_name
 
 log = logging.getLogger(__name__)
 _started: set[int] = set()
 
 
 def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return process_name()
 
 
 def status(app: Flask) -> dict[str, Any]:
