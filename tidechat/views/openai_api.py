@@ -138,6 +138,8 @@ def create_response():
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise _bad("'instructions' must be a string.", "instructions")
+    if instructions:
+        check_length("system_prompt", instructions)
     background = _flag(body, "background", False)
     stream = _flag(body, "stream", False)
     if not _flag(body, "store", True):
@@ -288,10 +290,10 @@ def _messages(items: Any, field: str) -> tuple[list[tuple[str, str]], str, str |
         if item.get("type", "message") != "message":
             raise _bad("Only message items are supported.", field)
         text = _text_of(item.get("content"), field)
+        check_length("content", text)
         if item["role"] in ("system", "developer"):
             system.append(text)
         else:
-            check_length("content", text)
             turns.append((item["role"], text))
     if not turns or turns[-1][0] != "user" or not turns[-1][1].strip():
         raise _bad(f"The last of '{field}' must be a non-empty user message.", field)
