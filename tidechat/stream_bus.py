@@ -8,6 +8,7 @@ and nothing is appended after it. Readers see entries as ``(id, event, data)`` w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -261,7 +262,8 @@ class StreamBus:
         if not got:
             return None
         claim = Claim(int(got[0]), int(got[1]))
-        with self.redis.pipeline(transaction=False) as pipe:
+        # Bookkeeping only: the claim stands whatever happens here.
+        with contextlib.suppress(redis.RedisError), self.redis.pipeline(False) as pipe:
             pipe.hset(k.meta, "worker", process_name())  # for the operator's view
             if claim.fence == 1:  # its first run (not one handed on by a deploy)
                 metrics.count(pipe, self.keys, "generations_started")
