@@ -10,7 +10,7 @@ import redis
 from flask import Flask
 from sqlalchemy import select
 
-from tidechat import accounts, db, errors, health, limits, models, oidc, security
+from tidechat import accounts, db, errors, health, limits, logs, models, oidc, security
 from tidechat.config import INSTANCE_DIR, finalize, load_config
 from tidechat.redis_keys import RedisKeys
 from tidechat.stream_bus import StreamBus
@@ -39,6 +39,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     limits.init_app(app)
     oidc.init_app(app)
     celery_init_app(app)
+    logs.init_app(app)  # request ids: its middleware wraps the others (security's)
 
     app.register_blueprint(page.bp)
     app.register_blueprint(api.bp)

@@ -28,17 +28,28 @@ loglevel = os.environ.get("LOG_LEVEL", "info")
 # Several servers may run on one host (tests, a second web process): no shared ctl socket.
 control_socket_disable = True
 
+# LOG_FORMAT=json: one JSON object per line on stderr, gunicorn's own lines and (with
+# ACCESS_LOG set) its access lines included, like the app's (tidechat/logs.py).
+from tidechat import logs  # noqa: E402
+
+if logs.json_enabled():
+    logconfig_dict = logs.dict_config("web", loglevel, accesslog)
+    access_log_format = "%(m)s %(U)s %(s)s %(M)sms"  # the message; the facts are fields
+    logs.log_greenlet_errors()
+
 
 def post_worker_init(worker) -> None:
     """At SIGTERM (a deploy, a restart) end every open SSE stream at once, so its client
     reconnects with its cursor to a process that stays, instead of stalling until
-    ``graceful_timeout`` cuts it."""
+    ``graceful_timeout`` cuts it. And start error reports (SENTRY_DSN) in this process."""
     import signal
 
     import gevent
 
+    from tidechat import error_reporting
     from tidechat.views.hub import drain
 
+    error_reporting.init("web")
     stop = worker.handle_exit
 
     def handle_exit(sig, frame) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from flask import current_app
 
-from tidechat import chat, db, limits, models
+from tidechat import chat, db, lifecycle, limits, models
 from tidechat.errors import REDIS_DOWN, ApiError, unavailable
 from tidechat.models import Conversation, Message
 from tidechat.stream_bus import DONE, StreamBus
@@ -47,6 +47,7 @@ def _launch(assistant: Message, admission: limits.Admission, follow: bool) -> Su
         bus().create(gid)
         sub = get_hub().subscribe(gid) if follow else None
         enqueue_generation(current_app, gid, admission.priority)
+        lifecycle.queued(gid, model=assistant.model, priority=admission.priority)
     except REDIS_DOWN:
         # Not queued: end the answer now, so the chat is not left waiting for it forever
         # (the page offers Retry), and tell the client to try again.
@@ -102,8 +103,10 @@ def cancel(s, msg: Message) -> bool:
     cancelled = {"finish_reason": "cancelled", "usage": None}
     if msg.status == models.QUEUED and bus().end_lost(gid, DONE, cancelled, models.CANCELLED):
         chat.record_end(s, msg, msg.content, models.CANCELLED, cancelled)
+        lifecycle.finished(gid, status=models.CANCELLED)
     elif (msg.status == models.QUEUED and bus().cancel_queued(gid)) or bus().reap(
         gid, cancelled, DONE, models.CANCELLED
     ):
         chat.reconcile(s, bus(), msg)
+        lifecycle.finished(gid, status=models.CANCELLED)
     return msg.status in models.FINAL_STATUSES

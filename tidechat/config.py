@@ -103,6 +103,11 @@ DEFAULTS: dict[str, Any] = {
     "READY_TIMEOUT": 2.0,  # seconds /readyz waits for Redis or the database
     "OPS_TOKEN": "",  # bearer token of the operator's endpoints (/metrics, /readyz details)
     "OPS_ALLOW": "127.0.0.1,::1",  # addresses that need no token for them
+    # Logs (tidechat/logs.py): "text", or "json" for one JSON object per line, web and
+    # worker alike. Read from the environment before the app is built (gunicorn.conf.py,
+    # worker/celery_app.py), as are LOG_LEVEL, ACCESS_LOG and, for error reports
+    # (tidechat/error_reporting.py), SENTRY_DSN, SENTRY_ENVIRONMENT and SENTRY_RELEASE.
+    "LOG_FORMAT": "text",
     # Celery
     "CELERY_QUEUE": "tidechat",
     "NONSTREAM_TIMEOUT": 300.0,  # seconds a stream=false request waits for its answer
@@ -118,6 +123,7 @@ PLATFORM_VARS = (
     "OPENAI_BASE_URL",
     "SECRET_KEY",
     "SECRET_KEY_FALLBACKS",
+    "LOG_FORMAT",
 )
 
 

@@ -15,7 +15,7 @@ import time
 
 from sqlalchemy.orm import Session
 
-from tidechat import chat, models
+from tidechat import chat, lifecycle, models
 from tidechat.stream_bus import ERROR, STATE_LOST, WORKER_LOST, StreamBus, lost_end
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def reap(s: Session, bus: StreamBus, gid: str) -> bool:
     if not bus.reap(gid, WORKER_LOST):
         return False
     log.warning("generation %s: its worker is gone; ended with worker_lost", gid)
+    lifecycle.finished(gid, status=models.ERROR, error_code=WORKER_LOST["code"])
     if msg is not None:
         chat.reconcile(s, bus, msg)
     return True
@@ -65,5 +66,6 @@ def end_lost(s: Session, bus: StreamBus, msg: models.Message) -> bool:
     if not bus.end_lost(msg.generation_id, ERROR, lost_end(msg.content), models.ERROR):
         return False
     log.warning("generation %s: Redis lost its state; ended with state_lost", msg.generation_id)
+    lifecycle.finished(msg.generation_id, status=models.ERROR, error_code=STATE_LOST["code"])
     chat.record_end(s, msg, msg.content, models.ERROR, STATE_LOST)
     return True

@@ -23,7 +23,7 @@ import uuid
 
 from flask import Flask
 
-from tidechat import chat, db, recovery
+from tidechat import chat, db, lifecycle, recovery
 from tidechat.stream_bus import QUEUE_TIMEOUT, QUEUED, RUNNING, StreamBus
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ class Sweeper:
             waited = time.time() - int(meta.get("queued_at") or 0) / 1000
             if waited > self.queue_timeout and self.bus.fail_queued(gid, QUEUE_TIMEOUT):
                 log.warning("generation %s: queued %.0f s with no worker; ended", gid, waited)
+                lifecycle.finished(gid, status="error", error_code=QUEUE_TIMEOUT["code"])
                 chat.reconcile(s, self.bus, msg)
         elif state != RUNNING:
             chat.reconcile(s, self.bus, msg)  # ended in Redis, not yet in the database

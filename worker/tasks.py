@@ -10,7 +10,7 @@ from typing import Any
 from celery import shared_task
 from flask import Flask, current_app
 
-from tidechat import chat, db, limits, models, policy
+from tidechat import chat, db, lifecycle, limits, models, policy
 from tidechat.errors import DATABASE_DOWN, REDIS_DOWN
 from tidechat.stream_bus import DONE, ERROR, GONE, STATE_LOST, Claim, StreamBus, lost_end
 from worker import GENERATE_TASK, enqueue_generation, model_client
@@ -83,6 +83,7 @@ def give_up(app: Flask, gid: str) -> None:
             chat.record_end(s, msg, msg.content, models.ERROR, error.payload())
     except Exception:
         log.warning("generation %s: could not record that it failed to start", gid, exc_info=True)
+    lifecycle.finished(gid, status=models.ERROR, error_code=error.code)
 
 
 @dataclass
@@ -101,6 +102,7 @@ class Generation:
         self.bus: StreamBus = app.extensions["stream_bus"]
         self.runtime = runtime_for(app)
         self.owner, self.prompt = "", ""  # whose answer, and what was asked (for the quota)
+        self.started_at, self.relayed = time.monotonic(), False  # for lifecycle's timings
 
     def run(self) -> None:
         if self.runtime.keeper.draining:  # a task that reached a stopping worker: pass it on
@@ -119,6 +121,7 @@ class Generation:
         if claim is None:
             log.info("generation %s was cancelled or taken before it started", self.gid)
             return
+        self.started_at = lifecycle.started(self.gid, model=msg.model, handed_on=bool(claim.seq))
         lease = self.runtime.keeper.hold(self.gid, claim.fence)
         try:  # the lease stays held until the end is recorded, however long that takes
             self._run_claimed(s, msg, claim, lease)
@@ -130,6 +133,8 @@ class Generation:
             s.rollback()
             error = UpstreamError("internal_error", "Something went wrong generating this answer.")
             self.bus.finish(self.gid, ERROR, error.payload(), models.ERROR, claim.fence)
+            lifecycle.finished(self.gid, status=models.ERROR, error_code=error.code,
+                               ms=lifecycle.ms_since(self.started_at))  # fmt: skip
         finally:
             self.runtime.keeper.release(lease)
 
@@ -205,6 +210,9 @@ class Generation:
                         break
                     if isinstance(event, TextDelta):
                         lease.token()
+                        if not self.relayed:
+                            self.relayed = True
+                            lifecycle.first_token(self.gid, ms=lifecycle.ms_since(self.started_at))
                         if not writer.put(outbox, event.text):
                             break
                     elif isinstance(event, Finish):
@@ -280,6 +288,7 @@ class Generation:
             s.rollback()
         if end.payload is STATE_LOST:
             ended = self.bus.end_lost(self.gid, end.event, lost_end(text), end.status)
+            self._finished(end.status, end.payload)
         else:
             ended = retrying(
                 lambda: self.bus.finish(self.gid, end.event, end.payload, end.status, lease.fence),
@@ -288,8 +297,15 @@ class Generation:
             if ended == GONE:  # Redis lost its state as it ended: end the open streams
                 self.bus.end_lost(self.gid, ERROR, lost_end(text), models.ERROR)
                 chat.record_end(s, msg, text, models.ERROR, STATE_LOST)
+                self._finished(models.ERROR, STATE_LOST)
             elif ended is None:
                 self._reconcile(s, msg)  # someone else ended it first: theirs stands
+            else:
+                self._finished(end.status, end.payload)
+
+    def _finished(self, status: str, payload: dict) -> None:
+        lifecycle.finished(self.gid, status=status, ms=lifecycle.ms_since(self.started_at),
+                           **lifecycle.end_facts(payload))  # fmt: skip
 
     def _count_tokens(self, usage: dict | None, text: str) -> None:
         """Charge the answer to its account's daily quota (best effort: Redis may be down)."""
