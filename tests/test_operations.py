@@ -68,3 +68,12 @@ def test_the_operator_token_opens_the_view_without_an_account(make_app):
     assert client.get("/api/admin/answers").status_code == 401
     response = client.get("/api/admin/answers", headers={"Authorization": "Bearer ops-secret"})
     assert response.status_code == 200 and "running" in response.get_json()
+
+
+def test_a_loopback_address_alone_does_not_open_the_view(make_app):
+    # Behind a proxy on the same host every visitor comes from 127.0.0.1: only a token or
+    # an admin account opens the operator's view (metrics may go by address).
+    client = make_app(TIDECHAT_OPS_ALLOW="127.0.0.1,::1").test_client()
+    assert client.get("/api/admin/answers").status_code == 404
+    assert client.post(f"/api/admin/generations/{'0' * 32}/cancel").status_code == 404
+    assert client.get("/metrics").status_code == 200

@@ -53,13 +53,17 @@ def metrics_endpoint():
     return Response(body, mimetype=CONTENT_TYPE_LATEST)
 
 
-def operator() -> bool:
+def operator(by_address: bool = True) -> bool:
     """Whether this request is the operator's: ``Authorization: Bearer <OPS_TOKEN>``, or
-    from an address in ``OPS_ALLOW`` (after ProxyFix: the client's real address)."""
+    (``by_address``) from an address in ``OPS_ALLOW`` (after ProxyFix: the client's real
+    address; behind a proxy on the same host set TRUSTED_PROXIES, or every visitor is
+    loopback)."""
     token = str(current_app.config.get("OPS_TOKEN") or "")
     sent = request.headers.get("Authorization", "")
     if token and hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
         return True
+    if not by_address:
+        return False
     allowed = str(current_app.config.get("OPS_ALLOW") or "").split(",")
     return (request.remote_addr or "") in {a.strip() for a in allowed if a.strip()}
 

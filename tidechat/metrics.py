@@ -6,7 +6,7 @@ Two kinds, so that the numbers are right however the app is spread over processe
   the fact and read by any web process: answers queued, started and finished (by final
   status and error code, counted where the one terminal entry is written, so exactly
   once), time to first token and answer duration (histograms, from the stream's own
-  timestamps), tokens relayed (~4 characters a token), ``worker_lost`` reaps, rate-limit
+  timestamps), tokens relayed (characters / 4), ``worker_lost`` reaps, rate-limit
   refusals. Read at scrape time: the queue's depth and its oldest answer's age, and the
   workers' heartbeats. A platform that cannot scrape each process still gets these right.
 - **Per web process** (prometheus_client; gunicorn's workers share them in multiprocess
@@ -61,10 +61,11 @@ DATABASE_ERRORS = Counter(
 
 # --- app-wide, in Redis -------------------------------------------------------------------
 BUCKETS = {
-    "ttft_seconds": (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    "ttft_seconds": (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0),
     "duration_seconds": (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0),
 }
 _SEP = "\t"
+CHARS_PER_TOKEN = 4  # tokens relayed are estimated from the characters, summed first
 
 
 def _field(name: str, *labels: str) -> str:
@@ -138,13 +139,17 @@ class AppWide:
         simple = {
             "generations_queued": "Answers accepted and queued.",
             "generations_started": "Answers a worker started (not counting hand-ons).",
-            "tokens_relayed": "Tokens relayed from the model (estimated, ~4 characters each).",
             "worker_lost": "Answers ended worker_lost: their worker died mid-answer.",
         }
         for name, doc in simple.items():
             family = CounterMetricFamily(f"tidechat_{name}", doc)
             family.add_metric([], float(fields.get(name, 0)))
             yield family
+        tokens = CounterMetricFamily(
+            "tidechat_tokens_relayed", "Tokens relayed from the model (characters / 4)."
+        )
+        tokens.add_metric([], float(fields.get("chars_relayed", 0)) / CHARS_PER_TOKEN)
+        yield tokens
         finished = CounterMetricFamily(
             "tidechat_generations_finished", "Answers ended, by final status and error code.",
             labels=["status", "code"],

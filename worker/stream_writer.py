@@ -21,7 +21,6 @@ from typing import Any
 import redis
 
 from tidechat import metrics
-from tidechat.policy import estimate_tokens
 from tidechat.stream_bus import DELTA, GONE, STOPPED, UNAVAILABLE, StreamBus, dumps
 
 log = logging.getLogger(__name__)
@@ -190,8 +189,8 @@ class StreamWriter:
             with self.bus.redis.pipeline(transaction=False) as pipe:
                 for b in batches:
                     self.bus.append(b.box.gid, b.box.fence, b.seq, [(DELTA, b.payload)], pipe)
-                tokens = sum(estimate_tokens(b.text) for b in batches)
-                metrics.count(pipe, self.bus.keys, "tokens_relayed", amount=tokens)
+                chars = sum(len(b.text) for b in batches)
+                metrics.count(pipe, self.bus.keys, "chars_relayed", amount=chars)
                 replies: list[Any] = pipe.execute(raise_on_error=False)[: len(batches)]
         except redis.RedisError as exc:
             replies = [exc] * len(batches)

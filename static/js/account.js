@@ -6,9 +6,13 @@
 // over as the new identity: its own chats, its own streams. When the server says the
 // sign-in is gone (401 login_required: signed out on another device, the account disabled)
 // the page puts the sign-in screen back in place of the chat.
+//
+// The admin's panel has two tabs: Users (and invitations), and Answers (operations.js:
+// the answers running now, refreshed while that tab shows).
 
 import { api, onLoginRequired } from "./api.js";
 import { announce, copyButton, el } from "./dom.js";
+import { startAnswers, stopAnswers } from "./operations.js";
 
 const $ = (id) => document.getElementById(id);
 const channel = "BroadcastChannel" in window ? new BroadcastChannel("tidechat-auth") : null;
@@ -29,6 +33,7 @@ const auth = {
   locked: false, // the sign-in screen is showing instead of the chat
   onLocked: () => {},
   showAlert: () => {},
+  adminTab: "users", // the admin panel's tab: the last one chosen, again on reopening
 };
 
 /**
@@ -317,9 +322,31 @@ function replaceUrl(params, hash) {
 
 // -- the admin's panel --------------------------------------------------------------------
 
+const ADMIN_TABS = ["users", "answers"];
+const tabButton = (name) => $(`admin-tab-${name}`);
+
 function wireAdmin() {
   $("admin-close").addEventListener("click", () => $("admin-dialog").close());
+  $("admin-dialog").addEventListener("close", () => stopAnswers());
   $("create-invite").addEventListener("click", createInvite);
+  for (const name of ADMIN_TABS) {
+    const tab = tabButton(name);
+    tab.addEventListener("click", () => showAdminTab(name));
+    tab.addEventListener("keydown", (event) => {
+      // The tabs pattern: arrows (and Home, End) move between the tabs and show them.
+      const i = ADMIN_TABS.indexOf(name);
+      const next = {
+        ArrowRight: ADMIN_TABS[(i + 1) % ADMIN_TABS.length],
+        ArrowLeft: ADMIN_TABS[(i + ADMIN_TABS.length - 1) % ADMIN_TABS.length],
+        Home: ADMIN_TABS[0],
+        End: ADMIN_TABS[ADMIN_TABS.length - 1],
+      }[event.key];
+      if (!next) return;
+      event.preventDefault();
+      showAdminTab(next);
+      tabButton(next).focus();
+    });
+  }
 }
 
 async function openAdmin() {
@@ -327,7 +354,25 @@ async function openAdmin() {
   $("invite-result").hidden = true;
   $("admin-users").replaceChildren();
   $("admin-dialog").showModal();
-  await loadUsers();
+  await showAdminTab(auth.adminTab);
+}
+
+/** Show one tab of the admin panel; the answers refresh only while theirs shows. */
+async function showAdminTab(name) {
+  auth.adminTab = name;
+  for (const other of ADMIN_TABS) {
+    const selected = other === name;
+    const tab = tabButton(other);
+    tab.setAttribute("aria-selected", String(selected));
+    tab.tabIndex = selected ? 0 : -1;
+    $(tab.getAttribute("aria-controls")).hidden = !selected;
+  }
+  if (name === "answers") {
+    startAnswers();
+  } else {
+    stopAnswers();
+    await loadUsers();
+  }
 }
 
 function adminError(message) {

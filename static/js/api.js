@@ -73,6 +73,10 @@ export const api = {
   setUserDisabled: (uid, disabled) =>
     request("PATCH", `/api/admin/users/${encodeURIComponent(uid)}`, { disabled }),
   createInvite: () => request("POST", "/api/admin/invites"),
+  // The operator's view: answers running and queued, workers, recent errors, queue depth.
+  answers: () => request("GET", "/api/admin/answers"),
+  stopAnswer: (gid) =>
+    request("POST", `/api/admin/generations/${encodeURIComponent(gid)}/cancel`),
   keys: async () => (await request("GET", "/api/keys")).keys,
   createKey: (name) => request("POST", "/api/keys", { name }),
   revokeKey: (id) => request("DELETE", `/api/keys/${encodeURIComponent(id)}`),

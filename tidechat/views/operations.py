@@ -1,6 +1,7 @@
 """The operator's view (``/api/admin/answers``): answers running and queued, with their
 age and worker; recent errors by code; the queue depth; the workers. And the operator may
-stop any answer. For admins (accounts), or a request with the operator's token."""
+stop any answer. For admins (accounts), or a request with the operator's token: never by
+address alone (behind a proxy on the same host, every visitor comes from loopback)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ _LIST_LIMIT = 500
 
 @bp.before_request
 def _operators_only():
-    if not health.operator():
+    if not health.operator(by_address=False):
         accounts.require_admin()  # 404 for anyone else
 
 
@@ -37,6 +38,8 @@ def overview():
     now = time.time()
     running, queued = [], []
     for msg, (meta, leased) in zip(pending, states, strict=True):
+        if meta.get("state") not in ("queued", "running"):
+            continue  # ending (the database has not caught up), or its state is gone
         row = _row(msg, meta, leased, emails, now)
         (running if row["status"] == "running" else queued).append(row)
     from worker import heartbeat
