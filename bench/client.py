@@ -2,11 +2,14 @@
 
 Two modes (the harness runs one or more of these processes per level):
 
-- ``streams``: N concurrent chats, each one user (its own cookie). For Tidechat: create a
-  conversation (before the clock starts), then POST a message and read the generation's
-  SSE stream; for the proxy: POST ``/stream`` and read it. For every token the model
-  stamped (its text is the ``time.time_ns()`` it was written at) the client records
-  receive time minus stamp. Writes a JSON result to ``--out``.
+- ``streams``: N concurrent chats, each one user (its own cookie). For Tidechat
+  (``tidechat``, the page's path): create a conversation (before the clock starts), then
+  POST a message and read the generation's SSE stream; for ``v1`` (the OpenAI-compatible
+  door): make an API key (before the clock starts), then ``POST /v1/responses`` with
+  ``stream`` and ``background`` and read the Responses events it answers with; for the
+  proxy: POST ``/stream`` and read it. For every token the model stamped (its text is the
+  ``time.time_ns()`` it was written at) the client records receive time minus stamp.
+  Writes a JSON result to ``--out``.
 - ``idle``: opens SSE connections to silent generations (``bench-idle``) up to each level,
   printing a JSON line per level and waiting for a line on stdin before going on, so the
   harness can measure the server while they are held.
@@ -29,6 +32,27 @@ import orjson
 from bench.limits import raise_nofile
 
 OPEN_CONCURRENCY = 200  # connections being set up at once
+
+
+@dataclass(frozen=True)
+class Wire:
+    """How a target's SSE events name a text delta and the end of an answer."""
+
+    delta: bytes  # the event of a text delta
+    text: str  # the delta's field holding the text
+    done: tuple[bytes, ...]  # events that end the answer well
+    error: tuple[bytes, ...]  # events that end it otherwise
+
+
+# The page's events (and the proxy's, which speaks the same): ``event: delta`` /
+# ``data: {"text": ...}`` with the entry id as ``id:``, ending ``done`` or ``error``.
+PAGE_WIRE = Wire(b"delta", "text", (b"done",), (b"error",))
+# /v1/responses: ``response.output_text.delta`` / ``{"delta": ...}``, no ``id:`` (a client
+# resumes by ``sequence_number``), ending ``response.completed``.
+V1_WIRE = Wire(
+    b"response.output_text.delta", "delta", (b"response.completed",),
+    (b"response.failed", b"response.incomplete", b"error"),
+)  # fmt: skip
 
 
 @dataclass
@@ -99,10 +123,21 @@ async def post_message(http: aiohttp.ClientSession, user: User, model: str) -> s
         return (await resp.json())["generation"]["events_url"]
 
 
-async def read_sse(resp: aiohttp.ClientResponse, started_ns: int, tally: Tally) -> None:
+async def new_key(http: aiohttp.ClientSession) -> str:
+    """A /v1 identity: an API key of a new guest owner (``POST /api/keys``; the guest's
+    cookie is not needed afterwards, the key alone authenticates)."""
+    async with http.post("/api/keys", json={"name": "bench"}) as resp:
+        if resp.status != 201:
+            raise RuntimeError(f"create key: HTTP {resp.status} {await resp.text()}")
+        return (await resp.json())["key"]
+
+
+async def read_sse(
+    resp: aiohttp.ClientResponse, started_ns: int, tally: Tally, wire: Wire = PAGE_WIRE
+) -> None:
     """Read an SSE body to its end, recording every stamped token's delay."""
     if resp.status != 200:
-        raise RuntimeError(f"events: HTTP {resp.status}")
+        raise RuntimeError(f"events: HTTP {resp.status} {(await resp.text())[:200]}")
     event, data, eid, first = b"", b"", b"", True
     async for raw in resp.content:
         line = raw.rstrip(b"\r\n")
@@ -115,19 +150,19 @@ async def read_sse(resp: aiohttp.ClientResponse, started_ns: int, tally: Tally) 
         elif not line and data:
             now = time.time_ns()
             tally.last_event_ns = max(tally.last_event_ns, now)
-            if event == b"delta":
+            if event == wire.delta:
                 if first:
                     tally.ttft_us.append((now - started_ns) // 1000)
                     first = False
-                text = orjson.loads(data)["text"]
+                text = orjson.loads(data)[wire.text]
                 record_tokens(text, now, tally)
                 if eid:
                     record_split(text, eid, now, tally)
-            elif event in (b"done", b"error"):
-                if event == b"error":
-                    tally.errors.append(data.decode()[:200])
-                else:
-                    tally.completed += 1
+            elif event in wire.done:
+                tally.completed += 1
+                return
+            elif event in wire.error:
+                tally.errors.append(f"{event.decode()}: {data.decode()[:200]}")
                 return
             event, data, eid = b"", b"", b""
     tally.errors.append("stream ended without done")
@@ -156,6 +191,16 @@ async def tidechat_stream(http: aiohttp.ClientSession, user: User, model: str, t
         await read_sse(resp, started, t)
 
 
+async def v1_stream(http: aiohttp.ClientSession, key: str, model: str, t: Tally) -> None:
+    """One background Responses stream: the answer's events in the POST's own response."""
+    started = time.time_ns()
+    t.first_post_ns = min(t.first_post_ns or started, started)
+    body = {"model": model, "input": "Hi", "stream": True, "background": True}
+    headers = {"Authorization": f"Bearer {key}"}
+    async with http.post("/v1/responses", json=body, headers=headers) as resp:
+        await read_sse(resp, started, t, V1_WIRE)
+
+
 async def proxy_stream(http: aiohttp.ClientSession, model: str, t: Tally) -> None:
     started = time.time_ns()
     t.first_post_ns = min(t.first_post_ns or started, started)
@@ -173,6 +218,10 @@ async def run_streams(target: str, url: str, streams: int, model: str) -> dict:
             tally.errors += [f"setup: {e!r}" for e in failed]
             users = [u for u in users if isinstance(u, User)]
             coros = [tidechat_stream(http, u, model, tally) for u in users]
+        elif target == "v1":
+            keys = await limited([new_key(http) for _ in range(streams)])
+            tally.errors += [f"setup: {e!r}" for e in keys if isinstance(e, BaseException)]
+            coros = [v1_stream(http, k, model, tally) for k in keys if isinstance(k, str)]
         else:
             coros = [proxy_stream(http, model, tally) for _ in range(streams)]
         outcomes = await asyncio.gather(*coros, return_exceptions=True)
@@ -290,7 +339,7 @@ async def run_idle(target: str, url: str, levels: list[int], generations: int) -
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="benchmark load generator")
     parser.add_argument("mode", choices=["streams", "idle"])
-    parser.add_argument("--target", choices=["tidechat", "proxy"], required=True)
+    parser.add_argument("--target", choices=["tidechat", "v1", "proxy"], required=True)
     parser.add_argument("--url", required=True)
     parser.add_argument("--streams", type=int, default=1)
     parser.add_argument("--model", default="bench-n100-r50-t50")

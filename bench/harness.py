@@ -1,9 +1,10 @@
 """The benchmark run: start both stacks, sweep the load levels, collect every figure.
 
 ``run(options)`` is the entry point (``python -m bench`` parses the command line into
-``Options``). Stream levels alternate between the direct proxy and Tidechat so both see
-the same background noise; the worker-capacity level and the idle sweep follow. The
-result is one JSON-able dict.
+``Options``). Stream levels alternate between the targets (the direct proxy, Tidechat's
+page path, Tidechat's ``/v1/responses``) so all see the same background noise; the
+worker-capacity level and the idle sweep (proxy and page path only) follow. The result
+is one JSON-able dict.
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ from bench.procs import ROOT, Proc, start_gunicorn, start_model_server, start_wo
 from tidechat import limits
 
 OUTPUT = ROOT / "bench" / "output"
-TARGETS = tuple(os.environ.get("BENCH_TARGETS", "proxy,tidechat").split(","))
+TARGETS = tuple(os.environ.get("BENCH_TARGETS", "proxy,tidechat,v1").split(","))
+# ``tidechat`` is the page's path (POST a message, then GET its events); ``v1`` is the
+# OpenAI-compatible one (POST /v1/responses, stream + background) on the same web process.
+WEB = {"proxy": "proxy", "tidechat": "tidechat", "v1": "tidechat"}
+IDLE_TARGETS = tuple(t for t in TARGETS if t in ("proxy", "tidechat"))
 
 
 @dataclass
@@ -172,7 +177,7 @@ class Sampler(threading.Thread):
             self.sample()
 
     def sample(self) -> None:
-        web = self.pids[self.target]
+        web = self.pids[WEB[self.target]]
         self._up("web_rss", metrics.rss(web))
         self._up("web_redis_conns", metrics.redis_connections(web, self.port))
         self._up("worker_redis_conns", metrics.redis_connections(self.pids["worker"], self.port))
@@ -199,7 +204,7 @@ def run_clients(stack: Stack, target: str, level: int, model: str = "") -> list[
         subprocess.Popen(
             [
                 sys.executable, "-m", "bench.client", "streams", "--target", target,
-                "--url", stack.procs[target].url, "--streams", str(n),
+                "--url", stack.procs[WEB[target]].url, "--streams", str(n),
                 "--model", model, "--out", str(out),
             ],  # fmt: skip
             cwd=ROOT,
@@ -392,7 +397,7 @@ def machine() -> dict:
 
 
 def run(opts: Options, idle: bool = True) -> dict:
-    """Run every level against both targets; write and return the result."""
+    """Run every level against every target; return the result."""
     opts.output = opts.output.resolve()
     opts.output.mkdir(parents=True, exist_ok=True)
     rundir = Path(tempfile.mkdtemp(prefix="run-", dir=opts.output))
@@ -420,7 +425,7 @@ def run(opts: Options, idle: bool = True) -> dict:
             result["capacity"].append(row)
             print("capacity " + progress(row), flush=True)
         if idle:
-            for target in TARGETS:
+            for target in IDLE_TARGETS:
                 result["idle"].append(idle_sweep(stack, target))
                 print(f"idle {target}: {result['idle'][-1]['levels']}", flush=True)
     finally:

@@ -47,22 +47,28 @@ IDLE_COLUMNS = (
 )
 
 
+# Each target's web process (the CPU column's first figure): /v1 is served by Tidechat's.
+WEB = {"v1": "tidechat"}
+COLORS = {"proxy": "tab:gray", "tidechat": "tab:blue", "v1": "tab:orange"}
+
+
 def with_ratios(rows: list[dict]) -> list[dict]:
-    """Stream rows plus each Tidechat row's throughput ratio to the proxy's at its level."""
+    """Stream rows plus each Tidechat row's (page or /v1) throughput ratio to the proxy's
+    at its level."""
     proxy = {r["streams"]: r for r in rows if r["target"] == "proxy"}
     out = []
     for row in rows:
         row = dict(row)
         base = proxy.get(row["streams"])
-        if row["target"] == "tidechat" and base and base["tokens_per_s"]:
+        if row["target"] != "proxy" and base and base["tokens_per_s"]:
             row["ratio"] = round(row["tokens_per_s"] / base["tokens_per_s"], 2)
         cpu = row.get("cpu_s", {})
-        web = cpu.get(row["target"], "")
+        web = cpu.get(WEB.get(row["target"], row["target"]), "")
         for hop in ("ingest", "fanout"):
             if row.get(f"{hop}_p50_ms") is not None:
                 row[f"{hop}_p50_ms"] = f"{row[f'{hop}_p50_ms']} / {row[f'{hop}_p99_ms']}"
         row["cpu"] = "/".join(
-            str(v) for v in (web, cpu.get("worker", "-") if row["target"] == "tidechat" else "-",
+            str(v) for v in (web, cpu.get("worker", "-") if row["target"] != "proxy" else "-",
                              cpu.get("model", ""), cpu.get("redis", ""), cpu.get("clients", ""))
         )  # fmt: skip
         out.append(row)
@@ -187,7 +193,8 @@ def plot(result: dict, path: Path) -> Path:
     _series(axes[1][0], result["streams"], "ttft_overhead_p50_ms", "TTFT overhead p50 ms",
             log=True)
     _idle_panel(axes[1][1], result.get("idle", []))
-    fig.suptitle(f"Tidechat vs direct proxy ({result['machine']['cpus']} cores, one web process)")
+    fig.suptitle(f"Tidechat (page and /v1) vs direct proxy "
+                 f"({result['machine']['cpus']} cores, one web process)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -196,7 +203,7 @@ def plot(result: dict, path: Path) -> Path:
 
 def _series(ax, rows: list[dict], key: str, title: str | None, log: bool = False,
             dashed: bool = False) -> None:  # fmt: skip
-    for target, color in (("proxy", "tab:gray"), ("tidechat", "tab:blue")):
+    for target, color in COLORS.items():
         pts = [(r["streams"], r[key]) for r in rows if r["target"] == target and r[key] is not None]
         if pts:
             xs, ys = zip(*pts, strict=True)
@@ -214,7 +221,7 @@ def _series(ax, rows: list[dict], key: str, title: str | None, log: bool = False
 
 def _idle_panel(ax, idle: list[dict]) -> None:
     for sweep in idle:
-        color = "tab:blue" if sweep["target"] == "tidechat" else "tab:gray"
+        color = COLORS.get(sweep["target"], "tab:gray")
         pts = [(p["clients"], p["rss_per_client_kb"]) for p in sweep["levels"]]
         if pts:
             xs, ys = zip(*pts, strict=True)

@@ -25,7 +25,15 @@ def test_quick_bench_writes_a_result(tmp_path: Path, redis_url: str) -> None:
     written = json.loads((tmp_path / "latest.json").read_text())
     assert (tmp_path / "latest.png").stat().st_size > 0
     assert set(written) >= {"options", "machine", "streams", "capacity", "idle", "targets"}
-    assert {r["target"] for r in written["streams"]} == {"proxy", "tidechat"}
+    assert {r["target"] for r in written["streams"]} == {"proxy", "tidechat", "v1"}
+    # The /v1/responses path (stream + background) at every level, every stream complete.
+    v1 = [r for r in written["streams"] if r["target"] == "v1"]
+    assert [r["streams"] for r in v1] == [1, 5]
+    v1 += [r for r in written["capacity"] if r["target"] == "v1"]
+    for row in v1:
+        assert row["errors"] == 0, row["error_samples"]
+        assert row["completed"] == row["streams"]
+        assert row["tokens"] == row["streams"] * row["tokens_per_stream"]
     for row in written["streams"]:
         assert set(row) >= {
             "streams", "tokens_per_s", "relay_p50_ms", "relay_p99_ms", "ttft_overhead_p50_ms",

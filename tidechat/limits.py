@@ -159,17 +159,18 @@ def admit(gid: str) -> Admission:
     owner = accounts.current_owner()
     check_quota(owner)
     check_backlog()
-    caps = [
-        ("acct:" + owner, int(cfg["MAX_ACTIVE_ANSWERS"])),
-        ("ip:" + accounts.client_address(), int(cfg["MAX_ACTIVE_ANSWERS_IP"])),
-    ]
     keys: RedisKeys = current_app.extensions["redis_keys"]
     admission = Admission(gid, 0)
+    # The account's set is kept even with no cap: its count is the answer's priority.
+    account_cap = int(cfg["MAX_ACTIVE_ANSWERS"])
+    caps = [(keys.active("acct:" + owner), account_cap, max(account_cap, PRIORITY_LEVELS - 1))]
+    address_cap = int(cfg["MAX_ACTIVE_ANSWERS_IP"])
+    if address_cap:
+        caps.append((keys.active("ip:" + accounts.client_address()), address_cap, address_cap))
     counts = []
-    for who, cap in caps:
-        key = keys.active(who)
+    for key, cap, need in caps:
         admission.keys.append(key)
-        counts.append(_join_active(key, gid))
+        counts.append(_join_active(key, gid, need))
         if cap and counts[-1] > cap:
             admission.withdraw()
             raise rejected(
@@ -181,8 +182,10 @@ def admit(gid: str) -> Admission:
     return admission
 
 
-def _join_active(key: str, gid: str) -> int:
-    """Add ``gid`` to an active set, drop the members that are over, count the rest."""
+def _join_active(key: str, gid: str, need: int) -> int:
+    """Add ``gid`` to an active set and count the others that are not over, oldest
+    first, up to ``need`` (all the caller needs to know: so a busy set costs no more than
+    a small one); drops the members found over. The count includes ``gid``."""
     bus = current_app.extensions["stream_bus"]
     r = bus.redis
     now = time.time()
@@ -193,18 +196,24 @@ def _join_active(key: str, gid: str) -> int:
         pipe.zadd(key, {gid: now})
         pipe.zremrangebyscore(key, "-inf", now - horizon)  # nothing runs that long
         pipe.expire(key, int(horizon) + 60)
-        pipe.zrange(key, 0, -1, withscores=True)
-        members = pipe.execute()[-1]
-    others = [(m.decode(), score) for m, score in members if m.decode() != gid]
-    states = bus.states([m for m, _ in others]) if others else []
-    over = [
-        m
-        for (m, score), (meta, _) in zip(others, states, strict=True)
-        if _is_over(meta.get("state"), now - score)
-    ]
-    if over:
-        r.zrem(key, *over)
-    return len(others) - len(over) + 1
+        pipe.execute()
+    active, start = 0, 0
+    while active < need:
+        chunk = r.zrange(key, start, start + need, withscores=True)
+        if not chunk:
+            break
+        others = [(m.decode(), score) for m, score in chunk if m.decode() != gid]
+        states = bus.states([m for m, _ in others]) if others else []
+        over = [
+            m
+            for (m, score), (meta, _) in zip(others, states, strict=True)
+            if _is_over(meta.get("state"), now - score)
+        ]
+        if over:
+            r.zrem(key, *over)
+        active += len(others) - len(over)
+        start += len(chunk) - len(over)  # the dropped ones no longer hold a rank
+    return min(active, need) + 1
 
 
 def _is_over(state: str | None, age: float) -> bool:

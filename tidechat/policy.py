@@ -42,7 +42,7 @@ def check_model(app: Flask, model: str) -> str:
     """``model`` if it is allowed, else 400. A name missing from the cached listing is
     looked up once more, so a model just added to the backend works at once (the rate
     limits on answers bound how often that asks the backend)."""
-    if model in allowed_models(app) or ANY_MODEL in configured_models(app.config):
+    if ANY_MODEL in configured_models(app.config) or model in allowed_models(app):
         return model
     if not configured_models(app.config):
         available_models(app, fresh=True)
