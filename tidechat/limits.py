@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
-from flask import Flask, Response, current_app, request
+from flask import Flask, Response, current_app
 from flask_limiter import Limiter
 
 from tidechat import accounts, metrics, policy
@@ -122,10 +122,6 @@ def answers(view: Callable) -> Callable:
 
 
 auth_attempts = limiter.limit(_setting("RATE_LIMIT_AUTH_IP"), key_func=ip_key, scope="auth")
-
-
-def has_body() -> bool:
-    return bool(request.content_length) or bool(request.get_data(cache=True))
 
 
 def rejected(code: str, message: str, retry_after: int) -> ApiError:

@@ -97,7 +97,7 @@ def init_app(app: Flask) -> None:
                 return _error(
                     403, "cross_site", "Cross-site requests are refused; use this site's own page."
                 )
-            if _needs_json() and _has_body() and not request.is_json:
+            if _needs_json() and has_body() and not request.is_json:
                 return _error(
                     415, "unsupported_media_type", "Send JSON (Content-Type: application/json)."
                 )
@@ -145,7 +145,8 @@ def _needs_json() -> bool:
     return request.path.startswith(API_PREFIX) and request.routing_exception is None
 
 
-def _has_body() -> bool:
+def has_body() -> bool:
+    """Whether the request came with a body (a chunked one is read to find out)."""
     length = request.content_length
     if length is None:  # chunked (or unsized): look, within MAX_CONTENT_LENGTH
         return bool(request.get_data(cache=True))

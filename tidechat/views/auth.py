@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, url_for
 
-from tidechat import accounts, db, limits, oidc
+from tidechat import accounts, db, limits, oidc, security
 from tidechat.errors import ApiError
 from tidechat.views.api import json_body
 
@@ -51,7 +51,7 @@ def login():
 
 @bp.post("/logout")
 def logout():
-    body = json_body() if limits.has_body() else {}
+    body = json_body() if security.has_body() else {}
     accounts.log_out(db.session(), everywhere=body.get("everywhere") is True)
     return "", 204
 
@@ -106,7 +106,7 @@ def list_keys():
 @keys_bp.post("")
 @limits.writes
 def create_key():
-    body = json_body() if limits.has_body() else {}
+    body = json_body() if security.has_body() else {}
     user = accounts.current_user()
     s = db.session()
     key, secret = accounts.create_api_key(
