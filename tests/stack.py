@@ -27,10 +27,16 @@ def start_worker(
     return proc
 
 
-def start_web(env: dict[str, str], logdir: Path, name: str = "web", workers: int = 1) -> WebProc:
+def start_web(
+    env: dict[str, str],
+    logdir: Path,
+    name: str = "web",
+    workers: int = 1,
+    app: str = "app:create_app()",
+) -> WebProc:
     port = free_port()
     env = {**env, "PORT": str(port), "HOST": "127.0.0.1", "WEB_CONCURRENCY": str(workers)}
-    argv = [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "app:create_app()"]
+    argv = [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", app]
     proc = spawn(name, argv, env, logdir)
     url = f"http://127.0.0.1:{port}"
 

@@ -18,8 +18,7 @@ import httpx
 import pytest
 from flask import Flask, request
 
-from bench.procs import BIN, spawn, wait_for
-from tests.stack import WebProc, free_port, start_worker
+from tests.stack import WebProc, start_web, start_worker
 from worker import GENERATE_TASK
 
 
@@ -145,22 +144,9 @@ def app_with_a_fault() -> Flask:
 
 
 def start_faulty_web(env: dict[str, str], logdir) -> WebProc:
-    """tests/stack.py's start_web, with the factory above: real gunicorn+gevent, with
-    the real gunicorn.conf.py (which starts error reporting in each worker)."""
-    port = free_port()
-    env = {**env, "PORT": str(port), "HOST": "127.0.0.1", "WEB_CONCURRENCY": "1"}
-    argv = [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", f"{__name__}:app_with_a_fault()"]
-    proc = spawn("web-sentry", argv, env, logdir)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(url + "/api/auth/me", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(up, proc, "gunicorn")
-    return WebProc(proc.name, proc.popen, proc.log, url=url)
+    """A real gunicorn+gevent web process with the factory above and the real
+    gunicorn.conf.py (which starts error reporting in each worker)."""
+    return start_web(env, logdir, "web-sentry", app=f"{__name__}:app_with_a_fault()")
 
 
 @pytest.mark.e2e
