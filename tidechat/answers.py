@@ -59,13 +59,17 @@ def _launch(assistant: Message, admission: limits.Admission, follow: bool) -> Su
     return sub
 
 
-def ensure_idle(s, conv: Conversation) -> None:
-    """409 while the conversation's last answer is still being written."""
-    pending = chat.in_progress(conv)
+def ensure_idle(s, conv: Conversation, facts: chat.TurnFacts | None = None) -> chat.TurnFacts:
+    """409 while the conversation's last answer is still being written; else its
+    :class:`~tidechat.chat.TurnFacts` (``facts``, or one query: its messages are not
+    loaded)."""
+    facts = facts or chat.turn_facts(s, conv)
+    pending = facts.pending
     if pending is not None:
         chat.reconcile(s, bus(), pending)
         if pending.status not in models.FINAL_STATUSES:
             raise ApiError(409, "generation_in_progress", "Wait for the answer, or stop it first.")
+    return facts
 
 
 def wait_end(sub: Subscription, assistant: Message) -> Message:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Select, bindparam, delete, exists, insert, inspect, or_, select, update
+from sqlalchemy.orm import Session, contains_eager, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
 from tidechat import hygiene, models
@@ -70,11 +70,13 @@ def owned_conversation(s: Session, owner: str, cid: str) -> Conversation:
 
 
 def owned_generation(s: Session, owner: str, gid: str) -> Message:
+    """The message of generation ``gid`` of ``owner``, with its conversation (one query)."""
     if not hygiene.is_id(gid):
         raise not_found("generation")
     msg = s.scalar(
         select(Message)
         .join(Conversation)
+        .options(contains_eager(Message.conversation))
         .where(Message.generation_id == gid, Conversation.owner == owner)
     )
     if msg is None:
@@ -122,29 +124,112 @@ def list_conversations(s: Session, owner: str) -> list[Conversation]:
 
 
 def in_progress(conv: Conversation) -> Message | None:
+    """The first answer of a loaded conversation not yet final (see :func:`pending_answer`
+    for one that is not loaded)."""
     for msg in conv.messages:
         if msg.role == "assistant" and msg.status not in models.FINAL_STATUSES:
             return msg
     return None
 
 
+# Starting a turn costs the same in a conversation of 2 messages or of 2,000: these ask the
+# database about the few rows they need (indexed queries) and add the new messages by their
+# conversation id, never loading ``Conversation.messages`` (tests/test_post_cost.py).
+
+
+def _loaded(conv: Conversation) -> bool:
+    """Whether ``conv.messages`` is in memory (or needs no query: a conversation not yet
+    stored has none but those added here)."""
+    state = inspect(conv)
+    return state.transient or state.pending or "messages" in state.dict
+
+
+class TurnFacts(NamedTuple):
+    """What starting a turn needs to know of a stored conversation's messages."""
+
+    pending: Message | None  # its first answer not yet final (see in_progress)
+    has_user: bool  # whether it has a user message (else the turn titles it)
+    later: bool  # whether it has messages after ``after`` (see turn_facts)
+
+
+def _turn_facts_statement() -> Select:
+    # Built once: building (and caching) a statement costs more than running it.
+    m, cid = Message.__table__.c, bindparam("cid")
+    unfinished = or_(*(m.status == status for status in models.UNFINISHED_STATUSES))
+    pending = (
+        select(m.seq)
+        .where(m.conversation_id == cid, m.role == "assistant", unfinished)
+        .order_by(m.seq)
+        .limit(1)
+        .scalar_subquery()
+    )
+    has_user = exists().where(m.conversation_id == cid, m.role == "user")
+    later = exists().where(m.conversation_id == cid, m.seq > bindparam("after"))
+    return select(pending, has_user, later)
+
+
+_TURN_FACTS = _turn_facts_statement()
+
+
+def turn_facts(s: Session, conv: Conversation, after: int | None = None) -> TurnFacts:
+    """The conversation's :class:`TurnFacts`, by one statement of indexed subqueries (a
+    second, to load the pending answer, only if there is one), whatever its length."""
+    if _loaded(conv):
+        pending = in_progress(conv)
+        has_user = any(m.role == "user" for m in conv.messages)
+        later = after is not None and bool(conv.messages) and conv.messages[-1].seq > after
+        return TurnFacts(pending, has_user, later)
+    if s.new or s.dirty:  # (the query below does not autoflush)
+        s.flush()
+    params = {"cid": conv.id, "after": -1 if after is None else after}
+    seq, user, more = s.connection().execute(_TURN_FACTS, params).one()
+    return TurnFacts(None if seq is None else s.get(Message, seq), bool(user), bool(more))
+
+
+def pending_answer(s: Session, conv: Conversation) -> Message | None:
+    """What :func:`in_progress` finds, without loading the conversation's messages."""
+    return turn_facts(s, conv).pending
+
+
+def is_last(s: Session, msg: Message) -> bool:
+    """Whether ``msg`` is its conversation's last message."""
+    return not turn_facts(s, msg.conversation, after=msg.seq).later
+
+
+def _add(s: Session | None, conv: Conversation, msg: Message) -> Message:
+    """Add ``msg`` to ``conv`` without loading its messages (the backref appends to the
+    collection only where it is loaded)."""
+    msg.conversation = conv
+    if s is not None:
+        s.add(msg)
+    return msg
+
+
 def start_turn(
-    s: Session, conv: Conversation, content: str, model: str, gid: str, request: dict | None = None
+    s: Session,
+    conv: Conversation,
+    content: str,
+    model: str,
+    gid: str,
+    request: dict | None = None,
+    facts: TurnFacts | None = None,
 ) -> tuple[Message, Message]:
-    """Store the user's message and a queued assistant message for generation ``gid``."""
-    if not any(m.role == "user" for m in conv.messages):
+    """Store the user's message and a queued assistant message for generation ``gid``
+    (``facts``: the conversation's, if the caller has them already)."""
+    if not (facts or turn_facts(s, conv)).has_user:
         conv.title = title_from(content)
-    user = Message(id=new_id(), role="user", content=content, status=models.DONE)
-    conv.messages.append(user)
-    return user, queue_answer(s, conv, model, gid, request)
+    user = _message("user", content, models.DONE)
+    return user, queue_answer(s, conv, model, gid, request, user)
 
 
 def add_history(conv: Conversation, turns: list[tuple[str, str]]) -> None:
     """Earlier turns an API client sent along (``(role, text)``), as finished messages."""
+    s = inspect(conv).session
     for role, text in turns:
-        if not conv.messages and role == "user":
+        # (a stored conversation has messages: only a new one, in memory, may have none)
+        if role == "user" and _loaded(conv) and not conv.messages:
             conv.title = title_from(text)
-        conv.messages.append(Message(id=new_id(), role=role, content=text, status=models.DONE))
+        _add(s, conv, Message(id=new_id(), role=role, content=text, status=models.DONE))
 
 
 def branch(s: Session, conv: Conversation, upto: Message) -> Conversation:
@@ -175,22 +260,73 @@ def branch(s: Session, conv: Conversation, upto: Message) -> Conversation:
 
 
 def queue_answer(
-    s: Session, conv: Conversation, model: str, gid: str, request: dict | None = None
+    s: Session,
+    conv: Conversation,
+    model: str,
+    gid: str,
+    request: dict | None = None,
+    user: Message | None = None,
 ) -> Message:
-    """A queued assistant message for generation ``gid``, committed."""
-    assistant = Message(
-        id=new_id(),
-        role="assistant",
-        content="",
-        status=models.QUEUED,
-        model=model,
-        generation_id=gid,
-        request=request,
-    )
-    conv.messages.append(assistant)
-    conv.updated_at = utcnow()
-    s.commit()
+    """A queued assistant message for generation ``gid`` (after ``user``, a new user
+    message to store first), committed."""
+    assistant = _message("assistant", "", models.QUEUED, model, gid, request)
+    _store(s, conv, [m for m in (user, assistant) if m is not None])
     return assistant
+
+
+def _message(
+    role: str,
+    content: str,
+    status: str,
+    model: str | None = None,
+    gid: str | None = None,
+    request: dict | None = None,
+) -> Message:
+    msg = Message(
+        id=new_id(), role=role, content=content, status=status, model=model, generation_id=gid,
+        finish_reason=None, created_at=utcnow(),
+    )  # fmt: skip
+    if request is not None:  # (a JSON column set to None would store JSON null, not NULL)
+        msg.request = request
+    return msg
+
+
+_COLUMNS = [c.key for c in Message.__table__.c if c.key != "seq"]
+_INSERT = insert(Message.__table__).returning(Message.__table__.c.seq)
+_TOUCH = (
+    update(Conversation.__table__)
+    .where(Conversation.__table__.c.id == bindparam("cid"))
+    .values(updated_at=bindparam("now"))
+)
+
+
+def _store(s: Session, conv: Conversation, msgs: list[Message]) -> None:
+    """Add ``msgs`` (new, every column set) to ``conv``, touch its ``updated_at`` and
+    commit. A stored conversation whose messages are not loaded gets them by prebuilt
+    statements, attached to the session as stored ones: the unit of work would cost
+    more than the statements."""
+    now = utcnow()
+    if _loaded(conv):
+        for msg in msgs:
+            _add(s, conv, msg)
+        conv.updated_at = now
+        s.commit()
+        return
+    if s.new:  # (messages added before these come before them)
+        s.flush()
+    conn = s.connection()
+    for msg in msgs:
+        msg.conversation_id = conv.id
+        values = {name: msg.__dict__[name] for name in _COLUMNS if name in msg.__dict__}
+        msg.seq = conn.execute(_INSERT, values).scalar_one()
+        make_transient_to_detached(msg)  # (as if loaded: its unset columns are expired)
+        for name in _COLUMNS:
+            if name not in values:
+                set_committed_value(msg, name, None)
+        s.add(msg)
+    conn.execute(_TOUCH, {"cid": conv.id, "now": now})
+    set_committed_value(conv, "updated_at", now)
+    s.commit()
 
 
 def fail_unqueued(s: Session, msg: Message, error: ApiError) -> None:
@@ -201,10 +337,27 @@ def fail_unqueued(s: Session, msg: Message, error: ApiError) -> None:
 
 
 def last_user_message(conv: Conversation) -> Message | None:
+    s = inspect(conv).session
+    if s is not None and not _loaded(conv):
+        return s.scalar(
+            select(Message)
+            .where(Message.conversation_id == conv.id, Message.role == "user")
+            .order_by(Message.seq.desc())
+            .limit(1)
+        )
     for msg in reversed(conv.messages):
         if msg.role == "user":
             return msg
     return None
+
+
+def drop_after(s: Session, conv: Conversation, seq: int) -> None:
+    """Delete the conversation's messages after ``seq`` (one statement; not committed)."""
+    if _loaded(conv):
+        for msg in [m for m in conv.messages if m.seq > seq]:
+            conv.messages.remove(msg)
+    else:
+        s.execute(delete(Message).where(Message.conversation_id == conv.id, Message.seq > seq))
 
 
 def history(conv: Conversation, upto: Message) -> list[dict[str, str]]:

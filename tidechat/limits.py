@@ -143,31 +143,61 @@ class Admission:
         """It was not queued after all (the request failed): free its place."""
         r = current_app.extensions["stream_bus"].redis
         try:
-            for key in self.keys:
-                r.zrem(key, self.gid)
+            with r.pipeline(transaction=False) as pipe:
+                for key in self.keys:
+                    pipe.zrem(key, self.gid)
+                pipe.execute()
         except redis.RedisError:
             log.warning("could not withdraw %s from the active answers", self.gid)
 
 
 def admit(gid: str) -> Admission:
-    """Admit a new answer or raise 429: quota, backlog, then the concurrency caps."""
+    """Admit a new answer or raise 429: quota, backlog, then the concurrency caps.
+
+    One pipeline asks everything at once (the day's tokens, the queue's depth, and joins
+    every active set, reading its oldest members); a second reads the state of the other
+    answers found there, if any; a third drops those that are over, if any. (Pipelines,
+    not scripts: the keys live in different hash slots of a cluster.)
+    """
     cfg = current_app.config
     owner = accounts.current_owner()
-    check_quota(owner)
-    check_backlog()
     keys: RedisKeys = current_app.extensions["redis_keys"]
-    admission = Admission(gid, 0)
+    bus = current_app.extensions["stream_bus"]
+    quota, backlog = int(cfg["DAILY_TOKENS"]), int(cfg["MAX_QUEUED"])
     # The account's set is kept even with no cap: its count is the answer's priority.
     account_cap = int(cfg["MAX_ACTIVE_ANSWERS"])
     caps = [(keys.active("acct:" + owner), account_cap, max(account_cap, PRIORITY_LEVELS - 1))]
     address_cap = int(cfg["MAX_ACTIVE_ANSWERS_IP"])
     if address_cap:
         caps.append((keys.active("ip:" + accounts.client_address()), address_cap, address_cap))
-    counts = []
-    for key, cap, need in caps:
-        admission.keys.append(key)
-        counts.append(_join_active(key, gid, need))
-        if cap and counts[-1] > cap:
+    admission = Admission(gid, 0, [key for key, _, _ in caps])
+    now = time.time()
+    horizon = float(cfg["QUEUE_TIMEOUT"]) + float(cfg["ANSWER_DEADLINE"])
+    queues = queue_names(keys.celery_queue(cfg["CELERY_QUEUE"])) if backlog else []
+    with bus.redis.pipeline(transaction=False) as pipe:
+        if quota:
+            pipe.get(_day_key(owner))
+        for name in queues:
+            pipe.llen(name)
+        for key, _, need in caps:
+            pipe.zadd(key, {gid: now})
+            pipe.zremrangebyscore(key, "-inf", now - horizon)  # nothing runs that long
+            pipe.expire(key, int(horizon) + 60)
+            pipe.zrange(key, 0, need, withscores=True)
+        replies = pipe.execute()
+    try:
+        if quota:
+            _refuse_over_quota(quota, int(replies.pop(0) or 0))
+        if backlog:
+            depth = sum(replies[: len(queues)])
+            del replies[: len(queues)]
+            _refuse_backlog(backlog, depth)
+    except ApiError:
+        admission.withdraw()
+        raise
+    counts = _count_active(bus, gid, caps, replies[3::4], now)
+    for (_, cap, _), count in zip(caps, counts, strict=True):
+        if cap and count > cap:
             admission.withdraw()
             raise rejected(
                 "too_many_answers",
@@ -178,22 +208,43 @@ def admit(gid: str) -> Admission:
     return admission
 
 
-def _join_active(key: str, gid: str, need: int) -> int:
-    """Add ``gid`` to an active set and count the others that are not over, oldest
-    first, up to ``need`` (all the caller needs to know: so a busy set costs no more than
-    a small one); drops the members found over. The count includes ``gid``."""
+def _count_active(
+    bus: Any, gid: str, caps: list[tuple[str, int, int]], chunks: list[list], now: float
+) -> list[int]:
+    """Per active set, how many answers other than ``gid`` are not over, up to its
+    ``need`` (all the caller needs to know: so a busy set costs no more than a small
+    one), plus one (``gid``); drops the members found over. ``chunks``: each set's
+    oldest ``need + 1`` members, as read when ``gid`` joined it."""
+    members = {m.decode() for chunk in chunks for m, _ in chunk} - {gid}
+    states = dict(zip(members, bus.states(list(members)), strict=True)) if members else {}
+    counts, over_by_key = [], {}
+    for (key, _, need), chunk in zip(caps, chunks, strict=True):
+        others = [(m.decode(), score) for m, score in chunk if m.decode() != gid]
+        over = [m for m, score in others if _is_over(states[m][0].get("state"), now - score)]
+        active = len(others) - len(over)
+        if over:
+            over_by_key[key] = over
+        if active < need and len(chunk) > need:  # more members than read: read on
+            if over:
+                bus.redis.zrem(key, *over_by_key.pop(key))
+            active += _join_active(key, gid, need - active, start=len(chunk) - len(over)) - 1
+        counts.append(min(active, need) + 1)
+    if over_by_key:
+        with bus.redis.pipeline(transaction=False) as pipe:
+            for key, over in over_by_key.items():
+                pipe.zrem(key, *over)
+            pipe.execute()
+    return counts
+
+
+def _join_active(key: str, gid: str, need: int, start: int = 0) -> int:
+    """Count the members of an active set other than ``gid`` that are not over, oldest
+    first from rank ``start``, up to ``need``; drops the members found over. The count
+    includes ``gid``."""
     bus = current_app.extensions["stream_bus"]
     r = bus.redis
     now = time.time()
-    horizon = float(current_app.config["QUEUE_TIMEOUT"]) + float(
-        current_app.config["ANSWER_DEADLINE"]
-    )
-    with r.pipeline(transaction=False) as pipe:
-        pipe.zadd(key, {gid: now})
-        pipe.zremrangebyscore(key, "-inf", now - horizon)  # nothing runs that long
-        pipe.expire(key, int(horizon) + 60)
-        pipe.execute()
-    active, start = 0, 0
+    active = 0
     while active < need:
         chunk = r.zrange(key, start, start + need, withscores=True)
         if not chunk:
@@ -218,10 +269,9 @@ def _is_over(state: str | None, age: float) -> bool:
     return state not in ("queued", "running")
 
 
-def check_backlog() -> None:
+def _refuse_backlog(limit: int, depth: int) -> None:
     """Refuse new answers while too many wait for a worker, app-wide."""
-    limit = int(current_app.config["MAX_QUEUED"])
-    if limit and queue_depth(current_app) >= limit:
+    if depth >= limit:
         raise rejected(
             "server_busy", "Too many answers are waiting; try again in a little while.", 10
         )
@@ -255,9 +305,9 @@ def _day_key(owner: str, app: Flask | None = None) -> str:
     return keys.tokens(owner, _today().strftime("%Y%m%d"))
 
 
-def check_quota(owner: str) -> None:
-    quota = int(current_app.config["DAILY_TOKENS"])
-    if quota and tokens_today(owner) >= quota:
+def _refuse_over_quota(quota: int, used: int) -> None:
+    """Refuse new answers once the account has used its tokens for the day."""
+    if used >= quota:
         now = _today()
         midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
         raise rejected(

@@ -127,12 +127,16 @@ def post_message(cid: str):
     content, model, stream = parse_message(body)
     s = db.session()
     conv = chat.owned_conversation(s, current_owner(), cid)
-    answers.ensure_idle(s, conv)
+    facts = answers.ensure_idle(s, conv)
     model = resolve_model(conv, model)
-    assistant, sub = answers.start(
-        lambda gid: chat.start_turn(s, conv, content, model, gid)[1], follow=not stream
-    )
-    return answered(assistant, sub)
+    turn: list[models.Message] = []
+
+    def store(gid: str) -> models.Message:
+        turn[:] = chat.start_turn(s, conv, content, model, gid, facts=facts)
+        return turn[1]
+
+    assistant, sub = answers.start(store, follow=not stream)
+    return answered(assistant, sub, user=turn[0])
 
 
 @bp.post("/conversations/<cid>/regenerate")
@@ -150,11 +154,10 @@ def regenerate(cid: str):
     model = resolve_model(conv, model)
 
     def store(gid: str) -> models.Message:
-        for msg in [m for m in conv.messages if m.seq > user.seq]:
-            conv.messages.remove(msg)
+        chat.drop_after(s, conv, user.seq)
         return chat.queue_answer(s, conv, model, gid)
 
-    return answered(*answers.start(store))
+    return answered(*answers.start(store), user=user)
 
 
 def resolve_model(conv: Conversation, requested: str | None) -> str:
@@ -211,8 +214,7 @@ def continue_generation(gid: str):
     whose stream starts with the text so far."""
     s = db.session()
     msg = chat.owned_generation(s, current_owner(), gid)
-    conv = msg.conversation
-    if msg.status != models.INTERRUPTED or conv.messages[-1] is not msg:
+    if msg.status != models.INTERRUPTED or not chat.is_last(s, msg):
         raise ApiError(409, "not_interrupted", "Only the last, interrupted answer can continue.")
     policy.check_model(current_app, msg.model or current_app.config["DEFAULT_MODEL"])
 
@@ -224,13 +226,19 @@ def continue_generation(gid: str):
     return answered(*answers.start(store))
 
 
-def answered(assistant: models.Message, sub: Subscription | None = None):
-    """202 with where to follow the answer; or, when following it here (stream=false),
-    200 once it is over."""
+def answered(
+    assistant: models.Message,
+    sub: Subscription | None = None,
+    user: models.Message | None = None,
+):
+    """202 with where to follow the answer (and ``user``, the message it answers: its
+    conversation's last user message); or, when following it here (stream=false), 200
+    once it is over."""
     if sub is not None:
         return jsonify({"message": chat.serialize_message(answers.wait_end(sub, assistant))}), 200
     gid = assistant.generation_id
-    user = chat.last_user_message(assistant.conversation)
+    if user is None:
+        user = chat.last_user_message(assistant.conversation)
     return jsonify(
         {
             "message": chat.serialize_message(user),

@@ -156,12 +156,14 @@ def create_response():
         **_sampling(body, ("max_output_tokens",)),
     }
     s = db.session()
-    conv = _conversation_for(s, body.get("previous_response_id"))
+    conv, facts = _conversation_for(s, body.get("previous_response_id"))
     conv.system_prompt = "\n\n".join(p for p in (instructions, system) if p) or None
     chat.add_history(conv, history)
+    if history:
+        facts = None  # (it has user messages now, maybe)
     with _stream_slot(stream) as release:
         assistant, sub = answers.start(
-            lambda gid: chat.start_turn(s, conv, question, model, gid, asked)[1],
+            lambda gid: chat.start_turn(s, conv, question, model, gid, asked, facts)[1],
             follow=stream or not background,
         )
     if stream:
@@ -309,22 +311,23 @@ def _owned_response(s, rid: str) -> Message:
         raise ApiError(404, "not_found", "No such response.") from exc
 
 
-def _conversation_for(s, previous: Any) -> Conversation:
+def _conversation_for(s, previous: Any) -> tuple[Conversation, chat.TurnFacts | None]:
     """A new conversation, or the one ``previous_response_id`` ended (a copy of it up to
-    that response, if the conversation has gone on since: a branch)."""
+    that response, if the conversation has gone on since: a branch); with its
+    :class:`~tidechat.chat.TurnFacts` if it is the stored one."""
     owner = accounts.current_owner()
     if previous is None:
         conv = Conversation(owner=owner)
         s.add(conv)
-        return conv
+        return conv, None
     if not isinstance(previous, str):
         raise _bad("'previous_response_id' must be a response id.", "previous_response_id")
     prior = _owned_response(s, previous)
     conv = prior.conversation
-    answers.ensure_idle(s, conv)
-    if conv.messages[-1] is prior:
-        return conv
-    return chat.branch(s, conv, prior)
+    facts = answers.ensure_idle(s, conv, chat.turn_facts(s, conv, after=prior.seq))
+    if not facts.later:
+        return conv, facts
+    return chat.branch(s, conv, prior), None
 
 
 @contextmanager

@@ -1,0 +1,340 @@
+"""Web CPU per POST that starts an answer, by conversation length (issue 14, "POST path").
+
+    .venv/bin/python -m bench.post_cost                  # SQLite and PostgreSQL, limits off and on
+    .venv/bin/python -m bench.post_cost --db sqlite --limits off --profile 200
+
+Each configuration runs in a process of its own (the rate limiter is module-global): it
+builds the app with the app factory against this machine's Redis (a fresh key prefix,
+deleted afterwards) and a fresh database, makes conversations of 2 and of 200 finished
+messages, then times ``time.process_time()`` around each Flask test-client request:
+
+- ``page``: ``POST /api/conversations/<id>/messages`` (stream: answer followed elsewhere);
+- ``v1``: ``POST /v1/responses`` with ``background: true`` and ``previous_response_id`` the
+  conversation's last answer (the /v1 door's way to go on with a long conversation).
+
+No Celery worker runs: the task is only enqueued. Between requests, outside the clock, the
+answer is cancelled through the real core (``answers.cancel``) and the messages it added
+are deleted, so every request sees a conversation of exactly its length with nothing in
+progress. ``limits on`` is the production configuration except the rate-limit amounts
+(the same windows, so the same Redis work, but high enough not to refuse a benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+LENGTHS = (2, 200)
+MODEL = "bench-model"
+# Production's windows, amounts no benchmark reaches.
+_HIGH_RATES = {
+    "TIDECHAT_RATE_LIMIT_MESSAGES": "1000000/minute;10000000/day",
+    "TIDECHAT_RATE_LIMIT_MESSAGES_IP": "1000000/minute;10000000/day",
+    "TIDECHAT_RATE_LIMIT_WRITES": "1000000/minute",
+    "TIDECHAT_RATE_LIMIT_WRITES_IP": "1000000/minute",
+}
+
+
+# --- one configuration, in its own process --------------------------------------------
+
+
+def run_one(database_url: str, limits_on: bool, n: int, profile: int | None) -> dict[str, Any]:
+    prefix = f"tcpost:{uuid.uuid4().hex[:8]}:"
+    from tidechat import limits
+
+    env = {
+        "REDIS_URL": REDIS_URL,
+        "DATABASE_URL": database_url,
+        "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+        "OPENAI_API_KEY": "sk-bench",
+        "SECRET_KEY": "bench-" + prefix,
+        "TIDECHAT_KEY_PREFIX": prefix,
+        "TIDECHAT_CELERY_QUEUE": prefix + "generate",
+        "TIDECHAT_MODELS": MODEL,
+        "TIDECHAT_DEFAULT_MODEL": MODEL,
+        **(_HIGH_RATES if limits_on else limits.UNLIMITED_ENV),
+    }
+    for name in [k for k in os.environ if k.startswith(("TIDECHAT_", "OPENAI_"))]:
+        del os.environ[name]
+    os.environ.update(env)
+
+    import redis
+    from sqlalchemy import event
+
+    from app import create_app
+    from tidechat import db, models
+
+    db.upgrade(database_url)
+    app = create_app()
+    r = redis.Redis.from_url(REDIS_URL)
+    try:
+        bench = _Bench(app, r)
+        statements = {"n": 0, "rows": 0}
+        engine = app.extensions["db"].kw["bind"]
+        event.listen(engine, "before_cursor_execute", lambda *a: _count(statements, "n"))
+        event.listen(models.Message, "load", lambda *a: _count(statements, "rows"))
+        result: dict[str, Any] = {"database": engine.dialect.name, "limits": limits_on, "rows": []}
+        convs = {(door, length): bench.conversation(length) for door in ("page", "v1")
+                 for length in LENGTHS}  # fmt: skip
+        for key in convs:  # warm up imports, pools, caches
+            for _ in range(5):
+                bench.post(key[0], convs[key])
+        cpu: dict[tuple[str, int], list[float]] = {key: [] for key in convs}
+        sql: dict[tuple[str, int], list[int]] = {key: [] for key in convs}
+        rows: dict[tuple[str, int], list[int]] = {key: [] for key in convs}
+        for _ in range(n):
+            for key, conv in convs.items():  # interleaved: drift hits every case alike
+                statements.update(n=0, rows=0)
+                cpu[key].append(bench.post(key[0], conv, counts=statements) * 1000)
+                sql[key].append(statements["n"])
+                rows[key].append(statements["rows"])
+        for (door, length), samples in cpu.items():
+            result["rows"].append(
+                {
+                    "door": door,
+                    "messages": length,
+                    "p50_ms": statistics.median(samples),
+                    "mean_ms": statistics.fmean(samples),
+                    "sql": statistics.median(sql[(door, length)]),
+                    "loaded": statistics.median(rows[(door, length)]),
+                }
+            )
+        if profile:
+            result["profile"] = {}
+            for door in ("page", "v1"):
+                prof = cProfile.Profile()
+                for _ in range(50):
+                    bench.post(door, convs[(door, profile)], prof)
+                out = io.StringIO()
+                stats = pstats.Stats(prof, stream=out)
+                stats.sort_stats("cumulative").print_stats(r"/tidechat/|/worker/", 15)
+                stats.sort_stats("tottime").print_stats(15)
+                result["profile"][door] = out.getvalue()
+        return result
+    finally:
+        for key in r.scan_iter(match=prefix + "*", count=1000):
+            r.delete(key)
+
+
+def _count(counts: dict[str, int], what: str) -> None:
+    counts[what] += 1
+
+
+class _Conv:
+    def __init__(self, cid: str, base_seq: int, last_gid: str) -> None:
+        self.cid, self.base_seq, self.last_gid = cid, base_seq, last_gid
+
+
+class _Bench:
+    def __init__(self, app, r) -> None:
+        from tidechat import limits
+
+        self.app, self.r = app, r
+        self.client = app.test_client()
+        assert self.client.post("/api/conversations").status_code == 201  # the guest cookie
+        key = self.client.post("/api/keys", json={"name": "bench"}).get_json()
+        self.auth = {"Authorization": "Bearer " + key["key"]}
+        keys = app.extensions["redis_keys"]
+        self.queues = limits.queue_names(keys.celery_queue(app.config["CELERY_QUEUE"]))
+
+    def conversation(self, length: int) -> _Conv:
+        """A conversation of ``length`` finished messages (user and assistant in turn),
+        owned by both this client's guest and its API key's owner."""
+        from sqlalchemy import select
+
+        from tidechat import accounts, db, models
+
+        with self.app.test_request_context("/", headers=self.client_headers()):
+            owner = accounts.current_owner()
+        s = db.session_scope(self.app)
+        with s as s:
+            conv = models.Conversation(owner=owner, title="bench")
+            s.add(conv)
+            for i in range(length):
+                role = "user" if i % 2 == 0 else "assistant"
+                conv.messages.append(
+                    models.Message(
+                        role=role,
+                        content=f"message {i} " + "lorem ipsum " * 20,
+                        status=models.DONE,
+                        model=MODEL if role == "assistant" else None,
+                        generation_id=models.new_id() if role == "assistant" else None,
+                        finish_reason="stop" if role == "assistant" else None,
+                    )
+                )
+            s.commit()
+            last = s.scalar(
+                select(models.Message)
+                .where(models.Message.conversation_id == conv.id)
+                .order_by(models.Message.seq.desc())
+                .limit(1)
+            )
+            return _Conv(conv.id, last.seq, last.generation_id)
+
+    def client_headers(self) -> dict[str, str]:
+        cookie = self.client.get_cookie("session")
+        return {"Cookie": f"session={cookie.value}"} if cookie else {}
+
+    def post(
+        self, door: str, conv: _Conv, prof: cProfile.Profile | None = None,
+        counts: dict[str, int] | None = None,
+    ) -> float:  # fmt: skip
+        """One request's CPU seconds (then end its answer and drop what it added)."""
+        if door == "page":
+            url, body, headers = (
+                f"/api/conversations/{conv.cid}/messages",
+                {"content": "Hi there"},
+                {},
+            )
+        else:
+            url, headers = "/v1/responses", self.auth
+            body = {"model": MODEL, "input": "Hi there", "background": True,
+                    "previous_response_id": "resp_" + conv.last_gid}  # fmt: skip
+        if prof is not None:
+            prof.enable()
+        start = time.process_time()
+        response = self.client.post(url, json=body, headers=headers)
+        spent = time.process_time() - start
+        if prof is not None:
+            prof.disable()
+        if counts is not None:  # what the request did, before the reset's own queries
+            snapshot = dict(counts)
+        if response.status_code not in (200, 202):
+            raise RuntimeError(f"{door}: {response.status_code} {response.get_data(as_text=True)}")
+        self.reset(conv)
+        if counts is not None:
+            counts.update(snapshot)
+        return spent
+
+    def reset(self, conv: _Conv) -> None:
+        from sqlalchemy import delete, select
+
+        from tidechat import answers, db, models
+
+        M = models.Message
+        with self.app.app_context():
+            s = db.session()
+            added = list(
+                s.scalars(select(M).where(M.conversation_id == conv.cid, M.seq > conv.base_seq))
+            )
+            for msg in added:
+                if msg.generation_id is not None:
+                    answers.cancel(s, msg)
+            s.execute(delete(M).where(M.conversation_id == conv.cid, M.seq > conv.base_seq))
+            s.commit()
+        self.r.delete(*self.queues)
+
+
+# --- the whole run ----------------------------------------------------------------------
+
+
+def _postgres_database():
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    name = f"tidechat_bench_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    return make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False), drop
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.post_cost", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--db", default="sqlite,postgres", help="sqlite, postgres or both")
+    parser.add_argument("--limits", default="off,on", help="off, on or both")
+    parser.add_argument("-n", type=int, default=100, help="requests per case (default 100)")
+    parser.add_argument(
+        "--profile", type=int, choices=LENGTHS, help="cProfile (top 15) at this length"
+    )
+    parser.add_argument("--json", action="store_true", help="print the raw results as JSON")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "<database url>|<on|off>"
+    args = parser.parse_args(argv)
+
+    if args.one:
+        url, mode = args.one.rsplit("|", 1)
+        print(json.dumps(run_one(url, mode == "on", args.n, args.profile)))
+        return 0
+
+    results = []
+    for kind in args.db.split(","):
+        for mode in args.limits.split(","):
+            drop = None
+            if kind == "sqlite":
+                tmp = tempfile.mkdtemp(prefix="tcpost-")
+                url = f"sqlite:///{Path(tmp) / 'tidechat.db'}"
+            else:
+                try:
+                    url, drop = _postgres_database()
+                except Exception as exc:  # noqa: BLE001
+                    print(
+                        f"(skipping PostgreSQL: {exc.__class__.__name__}: {exc})", file=sys.stderr
+                    )
+                    continue
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.post_cost",
+                "--one",
+                f"{url}|{mode}",
+                "-n",
+                str(args.n),
+            ]
+            if args.profile:
+                cmd += ["--profile", str(args.profile)]
+            try:
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            except subprocess.CalledProcessError as exc:
+                print(exc.stdout, exc.stderr, file=sys.stderr)
+                raise
+            finally:
+                if drop is not None:
+                    drop()
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(f"web CPU per POST (ms), {args.n} requests per row; sql: statements per request, "
+          "loaded: Message rows the ORM loaded per request")  # fmt: skip
+    print(f"{'database':<11}{'limits':<8}{'door':<6}{'messages':>9}{'p50':>8}{'mean':>8}"
+          f"{'sql':>6}{'loaded':>8}")  # fmt: skip
+    for res in results:
+        for row in res["rows"]:
+            print(
+                f"{res['database']:<11}{'on' if res['limits'] else 'off':<8}{row['door']:<6}"
+                f"{row['messages']:>9}{row['p50_ms']:>8.2f}{row['mean_ms']:>8.2f}{row['sql']:>6.0f}"
+                f"{row['loaded']:>8.0f}"
+            )
+        for door, text in (res.get("profile") or {}).items():
+            print(f"\n--- {res['database']}, limits {'on' if res['limits'] else 'off'}, {door}, "
+                  f"{args.profile} messages, 50 requests ---")  # fmt: skip
+            print("\n".join(line for line in text.strip().splitlines() if line.strip()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
