@@ -6,13 +6,22 @@ from datetime import timedelta
 from typing import Any
 
 import click
-import redis
 from flask import Flask
 from sqlalchemy import select
 
-from tidechat import accounts, db, errors, health, limits, logs, models, oidc, security
-from tidechat.config import INSTANCE_DIR, finalize, load_config
-from tidechat.redis_keys import RedisKeys
+from tidechat import (
+    accounts,
+    db,
+    errors,
+    health,
+    limits,
+    logs,
+    models,
+    oidc,
+    redis_conn,
+    security,
+)  # fmt: skip
+from tidechat.config import INSTANCE_DIR, finalize, load_config, redis_keys
 from tidechat.stream_bus import StreamBus
 from tidechat.views import api, auth, events, openai_api, operations, page
 from worker import celery_init_app
@@ -86,13 +95,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
 
 def init_redis(app: Flask) -> None:
-    pool = redis.BlockingConnectionPool.from_url(
-        app.config["REDIS_URL"],
-        max_connections=int(app.config.get("REDIS_MAX_CONNECTIONS", 10)),
-        timeout=20,
+    client = redis_conn.client(
+        app.config["REDIS_URL"], max_connections=int(app.config.get("REDIS_MAX_CONNECTIONS", 10))
     )
-    keys = RedisKeys(app.config["KEY_PREFIX"])
+    keys = redis_keys(app.config)
     app.extensions["redis_keys"] = keys
-    app.extensions["stream_bus"] = StreamBus(
-        redis.Redis(connection_pool=pool), keys, app.config["STREAM_TTL"]
-    )
+    app.extensions["stream_bus"] = StreamBus(client, keys, app.config["STREAM_TTL"])

@@ -17,6 +17,9 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from tidechat import cluster_broker, redis_conn
+from tidechat.redis_keys import RedisKeys
+
 ROOT = Path(__file__).resolve().parent.parent
 # Local state of a run: SQLite file, embedded Redis data, the generated secret key.
 INSTANCE_DIR = Path(os.environ.get("TIDECHAT_INSTANCE_PATH") or ROOT / "instance")
@@ -25,6 +28,10 @@ DEFAULTS: dict[str, Any] = {
     # Services
     "REDIS_URL": "redis://127.0.0.1:6379/0",
     "REDIS_MAX_CONNECTIONS": 10,  # per process, for API calls (SSE uses the hub's two)
+    # On a Redis Cluster (REDIS_URL redis+cluster://host:port): generations are spread over
+    # this many hash-tag buckets, and each web process runs one stream reader per bucket.
+    # Every process of a deployment must agree on it; changing it strands running answers.
+    "REDIS_CLUSTER_BUCKETS": 16,
     "DATABASE_URL": f"sqlite:///{INSTANCE_DIR / 'tidechat.db'}",
     "OPENAI_API_KEY": "",
     "OPENAI_BASE_URL": "",
@@ -160,8 +167,13 @@ def finalize(config: dict[str, Any]) -> None:
         fallbacks = [k.strip() for k in fallbacks.split(",") if k.strip()]
     config["SECRET_KEY_FALLBACKS"] = list(fallbacks)
     config["DATABASE_URL"] = normalize_database_url(config["DATABASE_URL"])
+    clustered = redis_conn.is_cluster(config["REDIS_URL"])
+    config["REDIS_BUCKETS"] = int(config["REDIS_CLUSTER_BUCKETS"]) if clustered else 0
+    keys = redis_keys(config)
     config["CELERY"] = {
-        "broker_url": config["REDIS_URL"],
+        "broker_url": (
+            cluster_broker.broker_url(config["REDIS_URL"]) if clustered else config["REDIS_URL"]
+        ),
         "task_ignore_result": True,
         "task_default_queue": config["CELERY_QUEUE"],
         # A generation is not retried on worker loss: its stream already holds text the
@@ -172,7 +184,8 @@ def finalize(config: dict[str, Any]) -> None:
         "worker_enable_remote_control": False,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
-            "global_keyprefix": config["KEY_PREFIX"] + "celery:",
+            "global_keyprefix": keys.celery_prefix(),
+            **({cluster_broker.URL_OPTION: config["REDIS_URL"]} if clustered else {}),
             # Tasks are acknowledged as they start, so only a task a worker had reserved
             # but not started waits this long for redelivery after that worker is killed
             # (kombu's default, an hour, left its chat waiting an hour). Delivering one
@@ -184,6 +197,11 @@ def finalize(config: dict[str, Any]) -> None:
             "queue_order_strategy": "priority",
         },
     }
+
+
+def redis_keys(config: dict[str, Any]) -> RedisKeys:
+    """The Redis key schema of this deployment (after ``finalize``)."""
+    return RedisKeys(config["KEY_PREFIX"], buckets=int(config.get("REDIS_BUCKETS") or 0))
 
 
 def normalize_database_url(url: str) -> str:

@@ -25,7 +25,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
-from tidechat import db, metrics
+from tidechat import db, metrics, redis_conn
 
 bp = Blueprint("health", __name__)
 _CLIENT = "tidechat.health_redis"
@@ -108,7 +108,7 @@ def readiness(app: Flask) -> tuple[dict[str, Any], bool]:
 def _redis(app: Flask, timeout: float) -> redis.Redis:
     client = app.extensions.get(_CLIENT)
     if client is None:
-        client = app.extensions[_CLIENT] = redis.Redis.from_url(
+        client = app.extensions[_CLIENT] = redis_conn.client(
             app.config["REDIS_URL"], socket_timeout=timeout, socket_connect_timeout=timeout
         )
     return client

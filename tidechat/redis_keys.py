@@ -24,10 +24,21 @@ Flask-Limiter's rate-limit counters live under ``<p>ratelimit``.
 Per web process ``<hub>``:
 - ``<p>hub:<hub>:wake``    a tiny stream the process writes to interrupt its own XREAD.
 Celery's broker keys live under ``<p>celery:`` (kombu's ``global_keyprefix``).
+
+On a Redis Cluster (``buckets`` > 0) a multi-key command or script must keep to one hash
+slot, so the names carry hash tags:
+- each generation's keys carry its bucket's tag ``{b<n>}`` (n = CRC32 of the id modulo
+  ``buckets``): its scripts touch one slot, and the streams of one bucket can be read by one
+  multi-key ``XREAD`` (the hub runs one reader per bucket; each web process's hub wake
+  streams carry the same tags);
+- every app-wide key (the ``<p>`` names above that are not per generation, and Celery's)
+  carries the tag ``{<p>}``: they sit together on one shard, so losing another shard
+  only touches the answers whose buckets it served.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 
@@ -42,9 +53,25 @@ class GenerationKeys:
 @dataclass(frozen=True)
 class RedisKeys:
     prefix: str
+    buckets: int = 0  # hash-tag buckets of generations on a Redis Cluster; 0: one server
+
+    def __post_init__(self) -> None:
+        # App-wide names: one hash tag for all of them on a cluster (see above).
+        object.__setattr__(self, "_app", f"{{{self.prefix}}}" if self.buckets else self.prefix)
+
+    @property
+    def clustered(self) -> bool:
+        return self.buckets > 0
+
+    def bucket(self, gid: str) -> int:
+        """The hash-tag bucket of a generation (always 0 on one server)."""
+        return zlib.crc32(gid.encode()) % self.buckets if self.buckets else 0
+
+    def _tag(self, bucket: int) -> str:
+        return f"{{b{bucket}}}:" if self.buckets else ""
 
     def generation(self, gid: str) -> GenerationKeys:
-        base = f"{self.prefix}gen:{gid}:"
+        base = f"{self.prefix}gen:{self._tag(self.bucket(gid))}{gid}:"
         return GenerationKeys(
             stream=base + "stream",
             meta=base + "meta",
@@ -53,31 +80,35 @@ class RedisKeys:
         )
 
     def cancel_channel(self) -> str:
-        return f"{self.prefix}cancel"
+        return f"{self._app}cancel"
 
     def sweeper_lock(self) -> str:
-        return f"{self.prefix}sweeper"
+        return f"{self._app}sweeper"
 
-    def hub_wake(self, hub_id: str) -> str:
-        return f"{self.prefix}hub:{hub_id}:wake"
+    def hub_wake(self, hub_id: str, bucket: int = 0) -> str:
+        return f"{self.prefix}hub:{self._tag(bucket)}{hub_id}:wake"
 
     def active(self, who: str) -> str:
-        return f"{self.prefix}active:{who}"
+        return f"{self._app}active:{who}"
 
     def streams(self, who: str) -> str:
-        return f"{self.prefix}streams:{who}"
+        return f"{self._app}streams:{who}"
 
     def tokens(self, owner: str, day: str) -> str:
-        return f"{self.prefix}tokens:{owner}:{day}"
+        return f"{self._app}tokens:{owner}:{day}"
+
+    def celery_prefix(self) -> str:
+        """kombu's ``global_keyprefix``: every broker key starts with it."""
+        return f"{self._app}celery:"
 
     def celery_queue(self, queue: str) -> str:
-        return f"{self.prefix}celery:{queue}"
+        return f"{self._app}celery:{queue}"
 
     def workers(self) -> str:
-        return f"{self.prefix}workers"
+        return f"{self._app}workers"
 
     def worker(self, worker_id: str) -> str:
-        return f"{self.prefix}worker:{worker_id}"
+        return f"{self._app}worker:{worker_id}"
 
     def metrics(self) -> str:
-        return f"{self.prefix}metrics"
+        return f"{self._app}metrics"

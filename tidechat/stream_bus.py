@@ -31,6 +31,8 @@ WORKER_LOST = {
     "code": "worker_lost",
     "message": "The worker generating this answer stopped unexpectedly. Please retry.",
 }
+
+
 def lost_end(text: str) -> dict[str, str]:
     """The end of a stream Redis lost: it carries the whole answer so far, since clients
     may have missed its last part with the entries Redis lost."""
@@ -103,7 +105,9 @@ return last
 #                 a fresh terminal entry, so open streams still end.
 # -> the terminal entry's id, false if another writer ended it first, "gone" (mode
 # "running") if its state is lost.
-_FINISH = _ALLOW_OOM + """
+_FINISH = (
+    _ALLOW_OOM
+    + """
 local state = redis.call('HGET', KEYS[2], 'state')
 local mode = ARGV[5]
 if mode == 'lost' then
@@ -125,10 +129,13 @@ redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('DEL', KEYS[3], KEYS[4])
 return id
 """
+)
 
 # KEYS: meta, lease | ARGV: fence, now_ms -> 1 if released: queued again, for another
 # worker to continue (a deploy: this worker is stopping), 0 if no longer this worker's.
-_RELEASE = _ALLOW_OOM + """
+_RELEASE = (
+    _ALLOW_OOM
+    + """
 local meta = redis.call('HMGET', KEYS[1], 'state', 'fence')
 if meta[1] ~= 'running' or meta[2] ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'queued_at', ARGV[2])
@@ -136,12 +143,15 @@ redis.call('HINCRBY', KEYS[1], 'handoffs', 1)
 redis.call('DEL', KEYS[2])
 return 1
 """
+)
 
 # KEYS: meta, lease, cancel | ARGV: fence, lease_ms -> {held, cancel requested}
 # held: 1 renewed, or taken again after Redis lost the key (an outage, a restart from
 # disk) while the generation is still this fence's; 0 no longer this worker's; -1 Redis
 # has lost the generation's state altogether.
-_RENEW = _ALLOW_OOM + """
+_RENEW = (
+    _ALLOW_OOM
+    + """
 local cancel = redis.call('EXISTS', KEYS[3])
 local holder = redis.call('GET', KEYS[2])
 if holder == ARGV[1] then
@@ -154,6 +164,7 @@ if holder or meta[1] ~= 'running' or meta[2] ~= ARGV[1] then return {0, cancel} 
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return {1, cancel}
 """
+)
 
 
 def dumps(payload: Any) -> str:
@@ -210,10 +221,13 @@ class _OomScript:
         self.plain = client.register_script(source.removeprefix(_ALLOW_OOM))
 
     def __call__(self, keys: list[str], args: list[Any], client: Any = None) -> Any:
-        pool = id(self.client.connection_pool)
+        pool = id(self.client)
         takes_flags = self._flags.get(pool)
         if takes_flags is None:
-            version = str(self.client.info("server").get("redis_version", "0"))
+            info = self.client.info("server")
+            if "redis_version" not in info:  # a cluster answers per node: {node: info}
+                info = next(iter(info.values()), {})
+            version = str(info.get("redis_version", "0"))
             takes_flags = self._flags[pool] = int(version.split(".")[0]) >= 7
         script = self.flagged if takes_flags else self.plain
         return script(keys=keys, args=args, client=client)
@@ -246,11 +260,32 @@ class StreamBus:
     def k(self, gid: str) -> GenerationKeys:
         return self.keys.generation(gid)
 
+    def by_node(self, gids: list[str]) -> list[tuple[Any, list[int]]]:
+        """The generations (by index) grouped by the server holding their keys, each with a
+        plain client of that server: its pipelines may run scripts (a cluster pipeline
+        may not), and one server out of reach fails only its own group.
+
+        On one server: one group, this bus's own client.
+        """
+        if not self.keys.clustered:
+            return [(self.redis, list(range(len(gids))))] if gids else []
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        for i, gid in enumerate(gids):
+            node = self.redis.get_node_from_key(self.k(gid).meta)
+            groups.setdefault(node.name, (node.redis_connection, []))[1].append(i)
+        return list(groups.values())
+
+    def refresh_nodes(self) -> None:
+        """After a failure on a cluster: learn which node serves which slot again."""
+        if self.keys.clustered:
+            with contextlib.suppress(redis.RedisError):
+                self.redis.nodes_manager.initialize()
+
     # -- lifecycle -------------------------------------------------------------------
     def create(self, gid: str) -> None:
         """A new generation, queued; its keys live until it finishes (then STREAM_TTL)."""
         k = self.k(gid)
-        with self.redis.pipeline() as pipe:
+        with self.redis.pipeline(transaction=False) as pipe:  # (app-wide metrics: another slot)
             pipe.hset(k.meta, mapping={"state": QUEUED, "queued_at": now_ms()})
             pipe.expire(k.meta, self.stream_ttl * 24)
             metrics.count(pipe, self.keys, "generations_queued")
@@ -329,23 +364,44 @@ class StreamBus:
         return bool(self._release(keys=[k.meta, k.lease], args=[fence, now_ms()]))
 
     # -- lease and cancel ------------------------------------------------------------
-    def renew_and_check(
-        self, held: list[tuple[str, int]], lease_ms: int
-    ) -> list[tuple[int, bool]]:
+    def renew_and_check(self, held: list[tuple[str, int]], lease_ms: int) -> list[tuple[int, bool]]:
         """Renew these (generation, fence) leases in one round trip, taking back any that
         Redis lost while the generation is still ours.
 
         Returns (1 held / 0 not ours any more / -1 state lost, cancel requested) for each.
         """
-        with self.redis.pipeline(transaction=False) as pipe:
-            for gid, fence in held:
-                k = self.k(gid)
-                self._renew(keys=[k.meta, k.lease, k.cancel], args=[fence, lease_ms], client=pipe)
-            replies = pipe.execute()
-        return [(int(held_), bool(cancel)) for held_, cancel in replies]
+        out: list[tuple[int, bool]] = [(1, False)] * len(held)
+        groups = self.by_node([gid for gid, _ in held])
+        failed: list[redis.RedisError] = []
+        for client, indexes in groups:
+            try:
+                with client.pipeline(transaction=False) as pipe:
+                    for i in indexes:
+                        gid, fence = held[i]
+                        k = self.k(gid)
+                        self._renew(
+                            keys=[k.meta, k.lease, k.cancel], args=[fence, lease_ms], client=pipe
+                        )
+                    replies = pipe.execute()
+            except redis.RedisError as exc:
+                # A cluster shard out of reach: its generations' writes fail too (and end
+                # them); the others' leases must not lapse meanwhile.
+                failed.append(exc)
+                continue
+            for i, (held_, cancel) in zip(indexes, replies, strict=True):
+                out[i] = (int(held_), bool(cancel))
+        if failed:
+            self.refresh_nodes()
+            if len(failed) == len(groups):
+                raise failed[0]
+        return out
 
     def request_cancel(self, gid: str) -> None:
         """Set the cancel flag, and tell the worker running it at once."""
+        if self.keys.clustered:  # (a cluster pipeline may not PUBLISH)
+            self.redis.set(self.k(gid).cancel, "1", ex=self.stream_ttl)
+            self.redis.publish(self.keys.cancel_channel(), gid)
+            return
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(self.k(gid).cancel, "1", ex=self.stream_ttl)
             pipe.publish(self.keys.cancel_channel(), gid)

@@ -19,9 +19,11 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
+from tidechat import redis_conn
 from tidechat.recovery import Sightings
 from tidechat.redis_keys import RedisKeys
 from tidechat.sse import ServerSentEvent
@@ -142,23 +144,27 @@ class StreamHub:
         lease_ttl: float = 6.0,
         reap_interval: float = 2.0,
         reap: Callable[[str], bool] | None = None,
+        settle: Callable[[str], Entry | None] | None = None,
+        bucket: int = 0,
+        locate: Callable[[str, bool], tuple[str, int]] | None = None,
     ) -> None:
         self.id = uuid.uuid4().hex
-        name = f"tidechat-hub-{self.id[:8]}"
-        self._reader = redis.Redis.from_url(
-            redis_url,
-            single_connection_client=True,
-            socket_timeout=block_ms / 1000 + 10,  # redis-py's default would cut a long BLOCK
-            socket_keepalive=True,
-            client_name=name + "-reader",
-        )
-        self._waker = redis.Redis(
-            connection_pool=redis.BlockingConnectionPool.from_url(
-                redis_url, max_connections=1, timeout=30, client_name=name + "-waker"
-            )
-        )
-        self._bus = StreamBus(self._reader, keys, stream_ttl)
-        self._wake_key = keys.hub_wake(self.id)
+        self._name = f"tidechat-hub-{self.id[:8]}"
+        self._redis_url = redis_url
+        self._bucket = bucket
+        self._wake_key = keys.hub_wake(self.id, bucket)
+        # On a cluster: which node serves this bucket's slot (again, after an error). The
+        # reader talks to that node over a plain connection: redis-py's cluster client
+        # would ask a node of its choice which keys each XREAD names, a round trip per
+        # read that fails with that node.
+        self._locate = locate
+        self._node: tuple[str, int] | None = None
+        self._keys, self._stream_ttl = keys, stream_ttl
+        self._connect(block_ms)
+        # While this reader cannot reach its Redis (on a cluster: its shard), an answer the
+        # database records as over (its worker gave up writing it) ends from there.
+        self._settle = settle
+        self._failing_since: float | None = None
         self._wake_cursor = "0-0"
         self._wake_sent = False
         self._block_ms = block_ms
@@ -230,9 +236,20 @@ class StreamHub:
             with self._lock:
                 if self._thread is None:
                     self._thread = threading.Thread(
-                        target=self._run, name="tidechat-stream-hub", daemon=True
+                        target=self._run, name=f"tidechat-stream-hub-{self._bucket}", daemon=True
                     )
                     self._thread.start()
+
+    def _connect(self, block_ms: int, again: bool = False) -> None:
+        url = self._redis_url
+        if self._locate is not None:
+            node = self._locate(self._wake_key, again)
+            if node == self._node:
+                return
+            self._node = node
+            url = redis_conn.node_url(url, *node)
+        self._reader, self._waker = _clients(url, self._name, block_ms)
+        self._bus = StreamBus(self._reader, self._keys, self._stream_ttl)
 
     def _wake(self) -> None:
         try:
@@ -249,18 +266,48 @@ class StreamHub:
                 self._admit_pending()
                 self._read_once()
                 self._ok_since = self._ok_since or time.monotonic()
+                self._failing_since = None
                 self._reap_if_due()
+                continue
             except redis.ConnectionError as exc:
-                self._ok_since = None
                 log.warning("stream hub lost Redis (%s); retrying", exc)
-                time.sleep(0.5)
             except redis.RedisError:
-                self._ok_since = None
                 log.exception("stream hub Redis command failed; retrying")
-                time.sleep(0.5)
             except Exception:  # never let the one reader die: every client depends on it
                 log.exception("stream hub iteration failed")
-                time.sleep(0.5)
+            self._ok_since = None
+            self._failing_since = self._failing_since or time.monotonic()
+            self._settle_if_due()
+            time.sleep(0.5)
+            if self._locate is not None:  # the slot may have moved (a failover)
+                try:
+                    self._connect(self._block_ms, again=True)
+                except Exception:
+                    log.warning("stream hub %d cannot find its cluster node", self._bucket)
+
+    def _settle_if_due(self) -> None:
+        """Redis has been out of reach a while: end the streams of answers that are over."""
+        now = time.monotonic()
+        if (
+            self._settle is None
+            or self._failing_since is None
+            or now - self._failing_since < self._reap_interval
+            or now - self._last_reap < self._reap_interval
+        ):
+            return
+        self._last_reap = now
+        with self._lock:
+            watched = [(w.cursor, list(w.subs)) for w in self._watched.values() if w.subs]
+        for _, subs in watched:
+            try:
+                entry = self._settle(subs[0].gid)
+            except Exception:
+                log.exception("could not read the end of %s from the database", subs[0].gid)
+                continue
+            if entry is not None:
+                frames = [encode_entry(entry)]
+                for sub in subs:
+                    sub._deliver(frames)
 
     def _admit_pending(self) -> None:
         with self._lock:
@@ -374,3 +421,78 @@ class StreamHub:
                         self._unleased.clear(gid)
                 except Exception:
                     log.exception("could not end the lost generation %s", gid)
+
+
+def _clients(redis_url: str, name: str, block_ms: int) -> tuple[Any, Any]:
+    """The reader's connection (its long BLOCK must not time out) and the waker's."""
+    reader = redis.Redis.from_url(
+        redis_url,
+        single_connection_client=True,
+        socket_timeout=block_ms / 1000 + 10,  # redis-py's default would cut a long BLOCK
+        socket_keepalive=True,
+        client_name=name + "-reader",
+    )
+    waker = redis.Redis(
+        connection_pool=redis.BlockingConnectionPool.from_url(
+            redis_url, max_connections=1, timeout=30, client_name=name + "-waker"
+        )
+    )
+    return reader, waker
+
+
+class ShardedHub:
+    """The hub of a web process on a Redis Cluster: one reader per hash-tag bucket.
+
+    Redis Cluster runs a multi-key command only when all its keys share a hash slot, so
+    one XREAD cannot follow streams of different buckets. Each bucket gets its own
+    ``StreamHub``, with a reader and a waker connection to the node serving that bucket,
+    so a web process holds two connections per bucket however many clients it serves
+    (plus one cluster client that only says which node serves which slot). A shard out of
+    reach stalls only the buckets it serves.
+    """
+
+    def __init__(self, redis_url: str, keys: RedisKeys, stream_ttl: int, **options: Any) -> None:
+        self.id = uuid.uuid4().hex
+        self._keys = keys
+        self._map = redis_conn.client(redis_url, socket_timeout=5, socket_connect_timeout=5)
+        self._map_lock = threading.Lock()
+        self._hubs = [
+            StreamHub(redis_url, keys, stream_ttl, bucket=b, locate=self._locate, **options)
+            for b in range(keys.buckets)
+        ]
+
+    def _locate(self, key: str, again: bool) -> tuple[str, int]:
+        with self._map_lock:
+            if again:  # after an error: ask the cluster (a reachable node) afresh
+                self._map.nodes_manager.initialize()
+            node = self._map.get_node_from_key(key)
+        return node.host, int(node.port)
+
+    def subscribe(self, gid: str, cursor: str = "0", await_stream: bool = False) -> Subscription:
+        return self._hubs[self._keys.bucket(gid)].subscribe(gid, cursor, await_stream)
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        sub.close()
+
+    def stop(self) -> None:
+        for hub in self._hubs:
+            hub.stop()
+
+    @property
+    def draining(self) -> bool:
+        return self._hubs[0].draining
+
+    def drain(self) -> None:
+        for hub in self._hubs:
+            hub.drain()
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(hub.subscriber_count for hub in self._hubs)
+
+
+def make_hub(redis_url: str, keys: RedisKeys, stream_ttl: int, **options: Any) -> Any:
+    """This web process's hub: a ``StreamHub``, or on a Redis Cluster a ``ShardedHub``."""
+    if keys.clustered:
+        return ShardedHub(redis_url, keys, stream_ttl, **options)
+    return StreamHub(redis_url, keys, stream_ttl, **options)

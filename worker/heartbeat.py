@@ -19,6 +19,7 @@ import redis
 from celery.signals import worker_ready
 from flask import Flask
 
+from tidechat import redis_conn
 from tidechat.redis_keys import RedisKeys
 from tidechat.stream_bus import process_name
 
@@ -67,7 +68,7 @@ def start(app: Flask) -> None:
     if id(app) in _started:
         return
     _started.add(id(app))
-    r = redis.Redis.from_url(app.config["REDIS_URL"], socket_timeout=5, socket_connect_timeout=5)
+    r = redis_conn.client(app.config["REDIS_URL"], socket_timeout=5, socket_connect_timeout=5)
     interval = float(app.config["HEARTBEAT_INTERVAL"])
 
     def run() -> None:

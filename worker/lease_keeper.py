@@ -19,6 +19,7 @@ from typing import Any
 
 import redis
 
+from tidechat import redis_conn
 from tidechat.stream_bus import StreamBus
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class LeaseKeeper:
         self.deadlines = deadlines
         self.lease_ms = int(lease_ttl * 1000)
         self.renew_every = renew_every
-        self._pubsub_client = redis.Redis.from_url(redis_url, socket_timeout=None)
+        self._pubsub_client = redis_conn.client(redis_url, socket_timeout=None)
         self._leases: dict[str, Lease] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None

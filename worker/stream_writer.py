@@ -13,6 +13,7 @@ and so the stored answer, is unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -184,16 +185,29 @@ class StreamWriter:
                 pause = min(pause * 2, 2.0)
 
     def _attempt(self, batches: list[_Batch], final: bool) -> list[_Batch]:
-        """One pipelined try; returns the batches to try again."""
-        try:
-            with self.bus.redis.pipeline(transaction=False) as pipe:
-                for b in batches:
-                    self.bus.append(b.box.gid, b.box.fence, b.seq, [(DELTA, b.payload)], pipe)
-                chars = sum(len(b.text) for b in batches)
-                metrics.count(pipe, self.bus.keys, "chars_relayed", amount=chars)
-                replies: list[Any] = pipe.execute(raise_on_error=False)[: len(batches)]
-        except redis.RedisError as exc:
-            replies = [exc] * len(batches)
+        """One pipelined try per Redis server; returns the batches to try again."""
+        replies: list[Any] = [None] * len(batches)
+        written = 0
+        for client, indexes in self.bus.by_node([b.box.gid for b in batches]):
+            try:
+                with client.pipeline(transaction=False) as pipe:
+                    for i in indexes:
+                        b = batches[i]
+                        self.bus.append(b.box.gid, b.box.fence, b.seq, [(DELTA, b.payload)], pipe)
+                    if client is self.bus.redis:  # one server: the count rides along
+                        chars = sum(len(batches[i].text) for i in indexes)
+                        metrics.count(pipe, self.bus.keys, "chars_relayed", amount=chars)
+                    got = pipe.execute(raise_on_error=False)[: len(indexes)]
+            except redis.RedisError as exc:
+                got = [exc] * len(indexes)
+                self.bus.refresh_nodes()
+            for i, reply in zip(indexes, got, strict=True):
+                replies[i] = reply
+                if client is not self.bus.redis and not isinstance(reply, Exception):
+                    written += len(batches[i].text)
+        if written:  # a cluster: the app-wide count lives on another node
+            with contextlib.suppress(redis.RedisError):
+                metrics.count(self.bus.redis, self.bus.keys, "chars_relayed", amount=written)
         retry = []
         for batch, reply in zip(batches, replies, strict=True):
             box = batch.box

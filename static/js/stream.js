@@ -73,8 +73,14 @@ export class GenerationStream {
       this.handlers.onText(this.text);
     });
     source.addEventListener("done", (event) => {
+      const done = JSON.parse(event.data);
       this.finish();
-      this.handlers.onDone(JSON.parse(event.data));
+      // An end read from the database (Redis was out of reach) carries the whole text.
+      if (typeof done.text === "string" && done.text !== this.text) {
+        this.text = done.text;
+        this.handlers.onText(this.text);
+      }
+      this.handlers.onDone(done);
     });
     source.addEventListener("error", (event) => {
       if (typeof event.data === "string" && event.data) {

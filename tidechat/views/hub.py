@@ -5,9 +5,15 @@ from __future__ import annotations
 import threading
 
 from flask import Flask, current_app
+from sqlalchemy import select
 
-from tidechat import db, recovery
-from tidechat.stream_hub import StreamHub
+from tidechat import chat, db, models, recovery
+from tidechat.stream_bus import Entry, dumps
+from tidechat.stream_hub import StreamHub, make_hub
+
+# The id of an end read from the database while Redis is out of reach: past any real id,
+# so that a client that reconnects with it is told the stream is over.
+SETTLED_ID = f"{2**64 - 1}-0"
 
 _lock = threading.Lock()
 
@@ -36,7 +42,17 @@ def _make_hub(app: Flask) -> StreamHub:
         with app.app_context():
             return recovery.reap(db.session(), app.extensions["stream_bus"], gid)
 
-    return StreamHub(
+    def settle(gid: str) -> Entry | None:
+        with app.app_context():
+            s = db.session()
+            msg = s.scalar(select(models.Message).where(models.Message.generation_id == gid))
+            if msg is None or msg.status not in models.FINAL_STATUSES:
+                return None
+            event, payload = chat.terminal_of(msg)
+            # The whole stored text: the client may have missed its last part.
+            return Entry(SETTLED_ID, event, dumps({**payload, "text": msg.content or ""}))
+
+    return make_hub(
         cfg["REDIS_URL"],
         app.extensions["redis_keys"],
         int(cfg["STREAM_TTL"]),
@@ -45,4 +61,5 @@ def _make_hub(app: Flask) -> StreamHub:
         lease_ttl=float(cfg["LEASE_TTL"]),
         reap_interval=float(cfg["REAP_INTERVAL"]),
         reap=reap,
+        settle=settle,
     )
