@@ -13,6 +13,7 @@ Run: ``gunicorn -c gunicorn.conf.py 'bench.proxy:create_app()'`` with ``OPENAI_B
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Iterator
 
 import httpx
@@ -27,18 +28,24 @@ RETRY = ServerSentEvent(retry=1000).encode()
 
 
 def create_app() -> Flask:
-    """The proxy app; one openai client (and connection pool) per process."""
+    """The proxy app; its openai clients (and connection pools) are the worker's kind
+    (``model_client.ClientShards``), one set per process."""
     app = Flask(__name__)
-    client = openai.OpenAI(
-        api_key=os.environ.get("OPENAI_API_KEY") or "not-needed",
-        base_url=os.environ["OPENAI_BASE_URL"],
-        timeout=float(os.environ.get("TIDECHAT_OPENAI_TIMEOUT", "60")),
-        max_retries=0,
-        # The SDK's default pool stops at 1000 connections; the idle sweep holds 10,000.
-        http_client=openai.DefaultHttpxClient(
-            limits=httpx.Limits(max_connections=20_000, max_keepalive_connections=1000)
-        ),
-    )
+
+    def make(verify: ssl.SSLContext) -> openai.OpenAI:
+        return openai.OpenAI(
+            api_key=os.environ.get("OPENAI_API_KEY") or "not-needed",
+            base_url=os.environ["OPENAI_BASE_URL"],
+            timeout=float(os.environ.get("TIDECHAT_OPENAI_TIMEOUT", "60")),
+            max_retries=0,
+            # The SDK's default pool stops at 1000 connections; the idle sweep holds 10,000.
+            http_client=openai.DefaultHttpxClient(
+                verify=verify,
+                limits=httpx.Limits(max_connections=20_000, max_keepalive_connections=1000),
+            ),
+        )
+
+    clients = model_client.ClientShards(make)
 
     @app.get("/health")
     def health() -> dict:
@@ -48,7 +55,7 @@ def create_app() -> Flask:
     def stream() -> Response:
         model = str((request.get_json(silent=True) or {}).get("model", ""))
         return Response(
-            relay(client, model), mimetype="text/event-stream", direct_passthrough=True
+            relay(clients.pick(), model), mimetype="text/event-stream", direct_passthrough=True
         )
 
     return app

@@ -49,13 +49,9 @@ class Lease:
         self.deadlines = deadlines
         self.started = self.last_token = time.monotonic()
         self._stream: Any = None
-
-    @property
-    def interrupted(self) -> bool:
-        return any(
-            e.is_set()
-            for e in (self.cancelled, self.lost, self.gone, self.timed_out, self.handed_off)
-        )
+        # Whether any of the events above is set: read once per token, so a plain flag
+        # (each is set only through interrupt()).
+        self.interrupted = False
 
     def token(self) -> None:
         self.last_token = time.monotonic()
@@ -78,6 +74,7 @@ class Lease:
     def interrupt(self, event: threading.Event) -> None:
         if not event.is_set():
             event.set()
+            self.interrupted = True
             self._hang_up()
 
     def _hang_up(self) -> None:

@@ -24,10 +24,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Runtime:
-    """What a worker process keeps for one app: the model client and its connection
-    pool, the lease keeper, the stream writer."""
+    """What a worker process keeps for one app: the model clients and their connection
+    pools, the lease keeper, the stream writer."""
 
-    client: Any
+    clients: model_client.ClientShards
     keeper: LeaseKeeper
     writer: StreamWriter
 
@@ -40,7 +40,7 @@ def runtime_for(app: Flask) -> Runtime:
     if runtime is None:
         cfg, bus = app.config, app.extensions["stream_bus"]
         runtime = _runtimes[id(app)] = Runtime(
-            client=model_client.make_client(cfg),
+            clients=model_client.ClientShards(lambda verify: model_client.make_client(cfg, verify)),
             keeper=LeaseKeeper(
                 cfg["REDIS_URL"], bus, float(cfg["LEASE_TTL"]), float(cfg["LEASE_RENEW"]),
                 Deadlines(float(cfg["ANSWER_DEADLINE"]), float(cfg["TOKEN_DEADLINE"])),
@@ -202,7 +202,7 @@ class Generation:
         error: UpstreamError | None = None
         try:
             with model_client.open_stream(
-                self.runtime.client, request, self.cfg["BACKEND_LABEL"]
+                self.runtime.clients.pick(), request, self.cfg["BACKEND_LABEL"]
             ) as stream:
                 lease.attach(stream)
                 for event in model_client.events(stream):
