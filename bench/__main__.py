@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, help="tokens per stream")
     parser.add_argument("--database-url", help="Tidechat's database (default: SQLite)")
     parser.add_argument("--redis-url", help="Redis (default: REDIS_URL or 127.0.0.1:6379)")
+    parser.add_argument("--web-procs", type=int, help="Tidechat web processes (default 1)")
+    parser.add_argument("--worker-procs", type=int, help="Celery worker processes (default 1)")
     parser.add_argument("--output", type=Path, default=OUTPUT)
     return parser.parse_args(argv)
 
@@ -49,6 +51,8 @@ def options_from(args: argparse.Namespace) -> Options:
         opts.database_url = args.database_url
     if args.redis_url:
         opts.redis_url = args.redis_url
+    opts.web_procs = args.web_procs or opts.web_procs
+    opts.worker_procs = args.worker_procs or opts.worker_procs
     opts.output = args.output
     return opts
 

@@ -54,6 +54,10 @@ class Options:
     idle_levels: list[int] = field(default_factory=lambda: [1000, 2500, 5000, 10_000])
     idle_generations: int = 200  # silent answers the idle Tidechat clients watch
     worker_concurrency: int = 1000
+    # Scale-out: Tidechat's web processes (gunicorn workers on one port) and Celery worker
+    # processes, all against the one Redis. The proxy stays one process.
+    web_procs: int = 1
+    worker_procs: int = 1
     # Worker capacity: many concurrent generations at a low rate (parsing is not the limit).
     capacity_streams: int = 1000
     capacity_tokens: int = 60
@@ -179,10 +183,13 @@ class Stack:
         model = self.procs["model"] = start_model_server(dict(os.environ), self.rundir)
         env = self.env(model.url)
         db.upgrade(env["DATABASE_URL"])
-        self.procs["worker"] = start_worker(env, self.rundir, self.opts.worker_concurrency)
+        for n in range(1, self.opts.worker_procs + 1):
+            name = "worker" if n == 1 else f"worker_{n}"
+            self.procs[name] = start_worker(env, self.rundir, self.opts.worker_concurrency, name)
         self.procs["tidechat"] = start_gunicorn(
-            "tidechat", "app:create_app()", env, self.rundir, "/api/conversations"
-        )
+            "tidechat", "app:create_app()", env, self.rundir, "/api/conversations",
+            self.opts.web_procs,
+        )  # fmt: skip
         if proxy:
             self.procs["proxy"] = start_gunicorn(
                 "proxy", "bench.proxy:create_app()", env, self.rundir, "/health"
@@ -201,7 +208,10 @@ class Stack:
         return resp.json()
 
     def pids(self) -> dict[str, int]:
-        pids = {name: proc.work_pid() for name, proc in self.procs.items()}
+        pids = {}
+        for name, proc in self.procs.items():  # "tidechat_2".. for more web processes
+            for n, pid in enumerate(proc.work_pids(), 1):
+                pids[name if n == 1 else f"{name}_{n}"] = pid
         if self.cluster is not None:  # "redis_1".. per master; stream_level sums "redis"
             for n, pid in enumerate(self.cluster.pids().values(), 1):
                 pids[f"redis_{n}"] = pid
@@ -311,8 +321,9 @@ def stream_level(
     raw_cmds = metrics.redis_commands(stack.redis) - cmds0
     cmds = max(0, round(raw_cmds - background * (time.monotonic() - t0)))
     cpu = {name: round(metrics.cpu_seconds(pid) - cpu0[name], 2) for name, pid in pids.items()}
-    if stack.cluster is not None:  # every master's CPU
-        cpu["redis"] = round(sum(v for k, v in cpu.items() if k.startswith("redis_")), 2)
+    for name in ("redis", "tidechat", "worker"):  # each role's processes, summed
+        if any(k.startswith(name + "_") for k in cpu):
+            cpu[name] = round(sum(v for k, v in cpu.items() if k.split("_")[0] == name), 2)
     cpu["clients"] = round(
         child1.ru_utime + child1.ru_stime - child0.ru_utime - child0.ru_stime, 2
     )

@@ -60,9 +60,13 @@ class Proc:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def work_pid(self) -> int:
-        """The pid serving requests: gunicorn's one worker, else the process itself."""
+        """The pid serving requests: gunicorn's (first) worker, else the process itself."""
+        return self.work_pids()[0]
+
+    def work_pids(self) -> list[int]:
+        """Every pid serving requests: gunicorn's workers, else the process itself."""
         children = psutil.Process(self.popen.pid).children()
-        return children[0].pid if children else self.popen.pid
+        return [c.pid for c in children] or [self.popen.pid]
 
 
 def _child_setup() -> None:
@@ -118,25 +122,30 @@ def start_model_server(env: dict[str, str], logdir: Path) -> Proc:
     return proc
 
 
-def start_worker(env: dict[str, str], logdir: Path, concurrency: int) -> Proc:
-    """One Celery worker process with the gevent pool."""
+def start_worker(
+    env: dict[str, str], logdir: Path, concurrency: int, name: str = "worker"
+) -> Proc:
+    """One Celery worker process with the gevent pool (``name``: its log's and host's)."""
     from bench.worker_app import READY_LINE  # not at import: tests/stack.py imports this
 
     argv = [
         str(BIN / "celery"), "-A", "bench.worker_app", "worker",
         "--pool", "gevent", "--concurrency", str(concurrency), "--loglevel", "WARNING",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
-        "--hostname", f"bench-{os.getpid()}@%h",
+        "--hostname", f"bench-{os.getpid()}-{name}@%h",
     ]  # fmt: skip
-    proc = spawn("worker", argv, env, logdir)
+    proc = spawn(name, argv, env, logdir)
     wait_for(lambda: READY_LINE in proc.output(), proc, "celery worker")
     return proc
 
 
-def start_gunicorn(name: str, app: str, env: dict[str, str], logdir: Path, probe: str) -> Proc:
-    """One gunicorn+gevent worker process serving ``app`` (Tidechat's gunicorn.conf.py)."""
+def start_gunicorn(
+    name: str, app: str, env: dict[str, str], logdir: Path, probe: str, workers: int = 1
+) -> Proc:
+    """gunicorn serving ``app`` with ``workers`` gevent worker processes (Tidechat's
+    gunicorn.conf.py), on one port."""
     port = free_port()
-    env = {**env, "PORT": str(port), "HOST": "127.0.0.1", "WEB_CONCURRENCY": "1"}
+    env = {**env, "PORT": str(port), "HOST": "127.0.0.1", "WEB_CONCURRENCY": str(workers)}
     argv = [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "--backlog", "4096", app]
     proc = spawn(name, argv, env, logdir)
     proc.url = f"http://127.0.0.1:{port}"

@@ -70,11 +70,15 @@ def test_sigterm_hands_answers_on_and_they_end_exact(make_app, model_server, pro
         app = make_app(
             TIDECHAT_CELERY_QUEUE=env["TIDECHAT_CELERY_QUEUE"], TIDECHAT_CONTINUATION="completion"
         )
-        model = model_server.script(chunks=CHUNKS, delay=0.1)
+        # 10 s of answer: still running once the staying worker is up (it took over 5 s
+        # to start on a loaded machine, and with 5 s of answer they were already over).
+        model = model_server.script(chunks=CHUNKS, delay=0.2)
         with wsgi_client(app) as client:
             gens = post_answers(client, model, 3)
             started(client, [g["id"] for g in gens], "w0 w1 ")
             staying = start_worker(env, workdir, name="worker-staying")
+            for gen in gens:  # the premise: SIGTERM comes mid-answer
+                assert client.get(f"/api/generations/{gen['id']}").json()["status"] == "streaming"
             # Before: the answers ran on until the platform's SIGKILL and ended worker_lost.
             took = sigterm_and_wait(leaving, within=20)
             assert took < 10, f"the leaving worker took {took:.1f} s to stop"
