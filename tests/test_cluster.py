@@ -17,7 +17,7 @@ import pytest
 from bench.redis_cluster import RedisCluster3
 from tests.helpers import Event, kinds, read_events, send, start, text
 from tests.stack import WebProc, start_web, start_worker
-from tidechat import db
+from tidechat import db, redis_conn
 from tidechat.redis_keys import RedisKeys
 
 pytestmark = pytest.mark.e2e
@@ -35,6 +35,8 @@ def cluster_env(process_env: dict[str, str], cluster: RedisCluster3, tmp: Path) 
         "DATABASE_URL": database_url,
         "TIDECHAT_REDIS_CLUSTER_BUCKETS": str(BUCKETS),
         "TIDECHAT_REDIS_RETRY_SECONDS": "2",  # a worker gives up on a dead shard soon
+        # Fewer connections per node than answers at once: they must wait their turn.
+        "REDIS_MAX_CONNECTIONS": "3",
     }
 
 
@@ -190,3 +192,26 @@ def test_send_reaches_the_worker_through_a_second_conversation(cluster_stack, mo
         assert text(read_events(http, gen2["events_url"])) == "two"
     body = model_server.requests_for(model)[-1].body
     assert [m["content"] for m in body["messages"] if m["role"] == "user"] == ["first", "second"]
+
+
+def test_a_cluster_client_waits_for_a_free_connection(cluster_stack):
+    """Twelve blocking calls at once through one node's pool of 2: all return. (redis-py's
+    cluster pools raised "Too many connections" instead: a worker running 1000 answers
+    on a cluster failed hundreds of them with worker_lost.)"""
+    cluster, *_ = cluster_stack
+    client = redis_conn.client(cluster.url, max_connections=2)
+    results: list[object] = []
+
+    def pop(i: int) -> None:
+        try:
+            results.append(client.blpop([f"{{pool-test}}:{i}"], timeout=0.2))
+        except Exception as exc:  # noqa: BLE001 (the assertion below shows which)
+            results.append(exc)
+
+    threads = [threading.Thread(target=pop, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    client.close()
+    assert results == [None] * 12

@@ -52,10 +52,14 @@ def node_url(url: str, host: str, port: int) -> str:
 def client(url: str, *, max_connections: int | None = None, **options: Any) -> Any:
     """A client for ``url``: ``redis.Redis`` on one server (its pool blocks, up to
     ``max_connections``, when that many are in use), ``RedisCluster`` on a cluster (which
-    keeps a pool per node, of ``max_connections`` each)."""
+    keeps a pool per node, of ``max_connections`` each, that blocks the same way)."""
     if is_cluster(url):
         if max_connections:
             options["max_connections"] = max_connections
+            # As on one server: wait for a free connection rather than fail. redis-py's
+            # default per-node pool raises "Too many connections" instead, which failed
+            # hundreds of answers in a worker running 1000 at once.
+            options.setdefault("connection_pool_class", redis.BlockingConnectionPool)
         first, nodes = seeds(url)
         return RedisCluster.from_url(first, startup_nodes=nodes, **options)
     if max_connections:
