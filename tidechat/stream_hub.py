@@ -160,6 +160,8 @@ class StreamHub:
         self._locate = locate
         self._node: tuple[str, int] | None = None
         self._keys, self._stream_ttl = keys, stream_ttl
+        self._reader: Any = None
+        self._waker: Any = None
         self._connect(block_ms)
         # While this reader cannot reach its Redis (on a cluster: its shard), an answer the
         # database records as over (its worker gave up writing it) ends from there.
@@ -248,6 +250,9 @@ class StreamHub:
                 return
             self._node = node
             url = redis_conn.node_url(url, *node)
+            for client in (self._reader, self._waker):
+                if client is not None:  # the previous node's (a failover): not kept open
+                    client.close()
         self._reader, self._waker = _clients(url, self._name, block_ms)
         self._bus = StreamBus(self._reader, self._keys, self._stream_ttl)
 
@@ -297,8 +302,8 @@ class StreamHub:
             return
         self._last_reap = now
         with self._lock:
-            watched = [(w.cursor, list(w.subs)) for w in self._watched.values() if w.subs]
-        for _, subs in watched:
+            watched = [list(w.subs) for w in self._watched.values() if w.subs]
+        for subs in watched:
             try:
                 entry = self._settle(subs[0].gid)
             except Exception:
@@ -452,7 +457,6 @@ class ShardedHub:
     """
 
     def __init__(self, redis_url: str, keys: RedisKeys, stream_ttl: int, **options: Any) -> None:
-        self.id = uuid.uuid4().hex
         self._keys = keys
         self._map = redis_conn.client(redis_url, socket_timeout=5, socket_connect_timeout=5)
         self._map_lock = threading.Lock()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 from flask import Flask, current_app
-from sqlalchemy import select
 
 from tidechat import chat, db, models, recovery
 from tidechat.stream_bus import Entry, dumps
@@ -44,8 +43,7 @@ def _make_hub(app: Flask) -> StreamHub:
 
     def settle(gid: str) -> Entry | None:
         with app.app_context():
-            s = db.session()
-            msg = s.scalar(select(models.Message).where(models.Message.generation_id == gid))
+            msg = chat.generation_message(db.session(), gid)
             if msg is None or msg.status not in models.FINAL_STATUSES:
                 return None
             event, payload = chat.terminal_of(msg)
