@@ -83,6 +83,22 @@ def test_every_write_is_limited_creating_and_renaming_included(make_app):
     assert client.get(f"/api/conversations/{cid}").get_json()["title"] == "a"  # reads still work
 
 
+def test_answers_do_not_use_up_the_writes_bucket(make_app, model_server):
+    """Answers have a rate of their own: sending a message leaves the writes' budget for
+    renames and deletes (answers used to count as writes too)."""
+    app = make_app(TIDECHAT_RATE_LIMIT_WRITES="2/minute", **no_worker_queue())
+    client = app.test_client()
+    cid = client.post("/api/conversations").get_json()["id"]  # write 1 of 2
+    sent = client.post(
+        f"/api/conversations/{cid}/messages",
+        json={"content": "hi", "model": model_server.script(chunks=["ok"])},
+    )
+    assert sent.status_code == 202
+    assert client.patch(f"/api/conversations/{cid}", json={"title": "a"}).status_code == 200
+    response = client.patch(f"/api/conversations/{cid}", json={"title": "b"})
+    assert response.status_code == 429 and code_of(response) == "rate_limited"
+
+
 def test_sign_in_attempts_are_limited_per_address(make_app):
     app = make_app(TIDECHAT_RATE_LIMIT_AUTH_IP="3/minute", **BEHIND_ROUTER)
     ip = f"192.0.2.{uuid.uuid4().int % 250}"

@@ -112,13 +112,15 @@ def _per_account_and_ip(scope: str, name: str) -> Callable:
 
 
 def writes(view: Callable) -> Callable:
-    """Every write an account makes (create, rename, delete, cancel, ...)."""
+    """Every write an account makes other than starting an answer (create, rename,
+    delete, cancel, ...)."""
     return _per_account_and_ip("writes", "RATE_LIMIT_WRITES")(view)
 
 
 def answers(view: Callable) -> Callable:
-    """Starting an answer: send, regenerate and continue draw on one bucket."""
-    return writes(_per_account_and_ip("answers", "RATE_LIMIT_MESSAGES")(view))
+    """Starting an answer: send, regenerate and continue draw on one bucket of their own
+    (not on the writes': a chat's messages must not use up its renames and deletes)."""
+    return _per_account_and_ip("answers", "RATE_LIMIT_MESSAGES")(view)
 
 
 auth_attempts = limiter.limit(_setting("RATE_LIMIT_AUTH_IP"), key_func=ip_key, scope="auth")
