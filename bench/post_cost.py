@@ -85,10 +85,11 @@ def run_one(database_url: str, limits_on: bool, n: int, profile: int | None) -> 
     r = redis.Redis.from_url(REDIS_URL)
     try:
         bench = _Bench(app, r)
-        statements = {"n": 0, "rows": 0}
+        statements = {"n": 0, "rows": 0, "redis": 0}
         engine = app.extensions["db"].kw["bind"]
         event.listen(engine, "before_cursor_execute", lambda *a: _count(statements, "n"))
         event.listen(models.Message, "load", lambda *a: _count(statements, "rows"))
+        _count_redis_round_trips(statements)
         result: dict[str, Any] = {"database": engine.dialect.name, "limits": limits_on, "rows": []}
         convs = {(door, length): bench.conversation(length) for door in ("page", "v1")
                  for length in LENGTHS}  # fmt: skip
@@ -98,12 +99,14 @@ def run_one(database_url: str, limits_on: bool, n: int, profile: int | None) -> 
         cpu: dict[tuple[str, int], list[float]] = {key: [] for key in convs}
         sql: dict[tuple[str, int], list[int]] = {key: [] for key in convs}
         rows: dict[tuple[str, int], list[int]] = {key: [] for key in convs}
+        trips: dict[tuple[str, int], list[int]] = {key: [] for key in convs}
         for _ in range(n):
             for key, conv in convs.items():  # interleaved: drift hits every case alike
-                statements.update(n=0, rows=0)
+                statements.update(n=0, rows=0, redis=0)
                 cpu[key].append(bench.post(key[0], conv, counts=statements) * 1000)
                 sql[key].append(statements["n"])
                 rows[key].append(statements["rows"])
+                trips[key].append(statements["redis"])
         for (door, length), samples in cpu.items():
             result["rows"].append(
                 {
@@ -113,6 +116,7 @@ def run_one(database_url: str, limits_on: bool, n: int, profile: int | None) -> 
                     "mean_ms": statistics.fmean(samples),
                     "sql": statistics.median(sql[(door, length)]),
                     "loaded": statistics.median(rows[(door, length)]),
+                    "redis": statistics.median(trips[(door, length)]),
                 }
             )
         if profile:
@@ -134,6 +138,20 @@ def run_one(database_url: str, limits_on: bool, n: int, profile: int | None) -> 
 
 def _count(counts: dict[str, int], what: str) -> None:
     counts[what] += 1
+
+
+def _count_redis_round_trips(counts: dict[str, int]) -> None:
+    """Count each command or pipeline redis-py sends, from any client in this process (the
+    app's, Flask-Limiter's and Celery's producer's)."""
+    from redis.connection import AbstractConnection
+
+    send = AbstractConnection.send_packed_command
+
+    def counted(self, *args, **kwargs):
+        counts["redis"] += 1
+        return send(self, *args, **kwargs)
+
+    AbstractConnection.send_packed_command = counted
 
 
 class _Conv:
@@ -318,16 +336,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"web CPU per POST (ms), {args.n} requests per row; sql: statements per request, "
-          "loaded: Message rows the ORM loaded per request")  # fmt: skip
+    print(f"web CPU per POST (ms), {args.n} requests per row; per request: sql statements, "
+          "Message rows the ORM loaded, Redis round trips")  # fmt: skip
     print(f"{'database':<11}{'limits':<8}{'door':<6}{'messages':>9}{'p50':>8}{'mean':>8}"
-          f"{'sql':>6}{'loaded':>8}")  # fmt: skip
+          f"{'sql':>6}{'loaded':>8}{'redis':>7}")  # fmt: skip
     for res in results:
         for row in res["rows"]:
             print(
                 f"{res['database']:<11}{'on' if res['limits'] else 'off':<8}{row['door']:<6}"
                 f"{row['messages']:>9}{row['p50_ms']:>8.2f}{row['mean_ms']:>8.2f}{row['sql']:>6.0f}"
-                f"{row['loaded']:>8.0f}"
+                f"{row['loaded']:>8.0f}{row['redis']:>7.0f}"
             )
         for door, text in (res.get("profile") or {}).items():
             print(f"\n--- {res['database']}, limits {'on' if res['limits'] else 'off'}, {door}, "

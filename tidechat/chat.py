@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from sqlalchemy import Select, bindparam, delete, exists, insert, inspect, or_, select, update
-from sqlalchemy.orm import Session, contains_eager, make_transient_to_detached
+from sqlalchemy.orm import Session, contains_eager, joinedload, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 
 from tidechat import hygiene, models
@@ -85,7 +85,12 @@ def owned_generation(s: Session, owner: str, gid: str) -> Message:
 
 
 def generation_message(s: Session, gid: str) -> Message | None:
-    return s.scalar(select(Message).where(Message.generation_id == gid))
+    """The message of generation ``gid``, with its conversation (one query)."""
+    return s.scalar(
+        select(Message)
+        .options(joinedload(Message.conversation, innerjoin=True))
+        .where(Message.generation_id == gid)
+    )
 
 
 def unfinished(s: Session, limit: int) -> list[Message]:

@@ -23,7 +23,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from flask import Flask
@@ -88,30 +88,41 @@ def observe(pipe: Any, keys: RedisKeys, name: str, value: float) -> None:
     pipe.hincrby(key, _field(name, "count"), 1)
 
 
+class EndTiming(NamedTuple):
+    """What the script that ended a generation read of its stream, for the metrics."""
+
+    end_id: str  # its terminal entry
+    first_id: str  # its first entry (the terminal one, if no text came)
+    started_at: str | None  # ms, from its state; None if no worker started it
+    queued_at: str | None
+
+
 def record_end(
-    r: redis.Redis, keys: RedisKeys, gid: str, end_id: str, state: str, payload: dict, mode: str
-) -> None:
-    """Count one generation's end (its terminal entry ``end_id`` was just written), with
-    its time to first token and duration from the stream's own timestamps."""
-    k = keys.generation(gid)
+    r: redis.Redis, keys: RedisKeys, gid: str, timing: EndTiming, state: str, payload: dict,
+    mode: str,
+) -> None:  # fmt: skip
+    """Count one generation's end (its terminal entry was just written), with its time to
+    first token and duration from the stream's own timestamps: one round trip."""
     try:
-        started_at, queued_at = r.hmget(k.meta, "started_at", "queued_at")
-        first = r.xrange(k.stream, count=1)
         with r.pipeline(transaction=False) as pipe:
             code = str(payload.get("code") or "") if state == "error" else ""
             count(pipe, keys, "generations_finished", state, code)
             if mode == "reap":
                 count(pipe, keys, "worker_lost")
-            start_ms = int(started_at or queued_at or 0)
-            end_ms = int(end_id.split("-")[0])
+            start_ms = int(timing.started_at or timing.queued_at or 0)
+            end_ms = _ms_of(timing.end_id)
             if start_ms and end_ms >= start_ms:
                 observe(pipe, keys, "duration_seconds", (end_ms - start_ms) / 1000)
-                first_ms = int(first[0][0].decode().split("-")[0]) if first else 0
-                if started_at and first and first[0][0].decode() != end_id and first_ms >= start_ms:
+                first_ms = _ms_of(timing.first_id)
+                if timing.started_at and timing.first_id != timing.end_id and first_ms >= start_ms:
                     observe(pipe, keys, "ttft_seconds", (first_ms - start_ms) / 1000)
             pipe.execute()
     except (redis.RedisError, ValueError):
         log.info("could not count the end of %s", gid, exc_info=True)
+
+
+def _ms_of(entry_id: str) -> int:
+    return int(entry_id.split("-")[0])
 
 
 # --- scraping ---------------------------------------------------------------------------

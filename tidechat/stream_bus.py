@@ -103,8 +103,9 @@ return last
 # mode "reap":    its worker's lease is gone (the worker died): a reader or the sweeper;
 # mode "lost":    Redis lost its state (restart without persistence, flush, failover):
 #                 a fresh terminal entry, so open streams still end.
-# -> the terminal entry's id, false if another writer ended it first, "gone" (mode
-# "running") if its state is lost.
+# -> {the terminal entry's id, started_at, queued_at, the stream's first entry id} (for
+# metrics.record_end, without more round trips), false if another writer ended it first,
+# "gone" (mode "running") if its state is lost.
 _FINISH = (
     _ALLOW_OOM
     + """
@@ -123,11 +124,13 @@ elseif mode == 'running' and redis.call('HGET', KEYS[2], 'fence') ~= ARGV[6] the
   return false
 end
 local id = redis.call('XADD', KEYS[1], '*', 'event', ARGV[1], 'data', ARGV[2])
+local times = redis.call('HMGET', KEYS[2], 'started_at', 'queued_at')
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1][1]
 redis.call('HSET', KEYS[2], 'state', ARGV[3], 'terminal_id', id)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('DEL', KEYS[3], KEYS[4])
-return id
+return {id, times[1], times[2], first}
 """
 )
 
@@ -353,9 +356,12 @@ class StreamBus:
             keys=[k.stream, k.meta, k.lease, k.cancel],
             args=[event, dumps(payload), state, self.stream_ttl, mode, fence],
         )
-        ended = _text(result) or None
-        if ended and ended != GONE:  # this call wrote the one terminal entry: count it
-            metrics.record_end(self.redis, self.keys, gid, ended, state, payload, mode)
+        if not isinstance(result, list):
+            return _text(result) or None  # GONE, or None: not this call's to end
+        # This call wrote the one terminal entry: count it, with the times the script read.
+        ended, started_at, queued_at, first_id = (_text(v) for v in result)
+        timing = metrics.EndTiming(ended, first_id, started_at, queued_at)
+        metrics.record_end(self.redis, self.keys, gid, timing, state, payload, mode)
         return ended
 
     def release(self, gid: str, fence: int) -> bool:
