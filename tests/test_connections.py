@@ -39,14 +39,19 @@ def open_streams(url: str, cookies, n: int, stop: threading.Event) -> list[threa
 
 
 def test_200_sse_clients_use_the_same_redis_connections_as_one(
-    process_env, workdir, model_server, redis_client
+    process_env, workdir, model_server, redis_client, key_prefix
 ):
-    web = start_web(process_env, workdir, name="web-connections")
+    # A queue no worker reads: the answer stays queued and its streams open for as long as
+    # the test needs. (A slow first token did not: with a worker running, the model's read
+    # timeout ended the answer after 10 s, and with it every stream, while a loaded machine
+    # was still opening the 199.)
+    env = {**process_env, "TIDECHAT_CELERY_QUEUE": key_prefix + "connections-nobody"}
+    web = start_web(env, workdir, name="web-connections")
     stop = threading.Event()
     try:
         port = redis_client.connection_pool.connection_kwargs.get("port", 6379)
         (pid,) = web.gunicorn_workers()
-        model = model_server.script(chunks=["x"], first_delay=20)
+        model = model_server.script(chunks=["x"])
         with httpx.Client(base_url=web.url, timeout=30) as http:
             _, gen = start(http, model)
             url = web.url + gen["events_url"]

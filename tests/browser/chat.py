@@ -89,9 +89,10 @@ def last_answer(page: Page) -> Locator:
     return answers(page).last
 
 
-def expect_answer(answer: Locator, text: str) -> None:
-    """The answer has ended and shows exactly ``text`` (a one-paragraph plain answer)."""
-    expect(answer).not_to_have_class(STREAMING)
+def expect_answer(answer: Locator, text: str, timeout: float | None = None) -> None:
+    """The answer has ended (within ``timeout`` ms, else Playwright's default) and shows
+    exactly ``text`` (a one-paragraph plain answer)."""
+    expect(answer).not_to_have_class(STREAMING, timeout=timeout)
     expect(answer.locator(".markdown")).to_have_text(text)
     assert answer.locator(".markdown").inner_text() == text
 
