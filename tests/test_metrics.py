@@ -102,3 +102,30 @@ def test_metrics_are_for_the_operator_only(own_stack):
         assert http.get("/metrics").status_code == 404
         assert http.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 404
         assert http.get("/metrics", headers=OPERATOR).status_code == 200
+
+
+def test_histograms_scrape_as_cumulative_buckets(make_app):
+    """Each value is stored in its one bin; the scrape adds them up into Prometheus's
+    cumulative buckets, sum and count."""
+    from tidechat import metrics
+
+    prefix = f"tchist:{uuid.uuid4().hex[:8]}:"
+    app = make_app(TIDECHAT_KEY_PREFIX=prefix, TIDECHAT_OPS_TOKEN="ops-secret")
+    r, keys = app.extensions["stream_bus"].redis, app.extensions["redis_keys"]
+    try:
+        with r.pipeline(transaction=False) as pipe:
+            for value in (0.07, 0.3, 0.5, 100.0):  # 0.5 sits on a bound: le="0.5" holds it
+                metrics.observe(pipe, keys, "ttft_seconds", value)
+            pipe.execute()
+        text = app.test_client().get("/metrics", headers=OPERATOR).get_data(as_text=True)
+        m = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                m[(sample.name, sample.labels.get("le"))] = sample.value
+        name = "tidechat_time_to_first_token_seconds"
+        buckets = {le: m[(name + "_bucket", le)] for le in ("0.05", "0.1", "0.25", "0.5", "60.0")}
+        assert buckets == {"0.05": 0, "0.1": 1, "0.25": 1, "0.5": 3, "60.0": 3}
+        assert m[(name + "_bucket", "+Inf")] == 4 and m[(name + "_count", None)] == 4
+        assert m[(name + "_sum", None)] == pytest.approx(100.87)
+    finally:
+        r.delete(keys.metrics())
