@@ -92,7 +92,9 @@ def test_a_key_made_in_the_page_drives_the_sdk_and_the_page_resumes_its_answer(
     # closed and opened again, the secret is gone: only its hint is left
     dialog.get_by_role("button", name="Close").click()
     expect(dialog).to_be_hidden()
-    assert page.locator("#key-secret").input_value() == ""
+    # the dialog's "close" event (which forgets the secret) is dispatched as a task
+    # after close(): wait for it rather than read the field at once
+    expect(page.locator("#key-secret")).to_have_value("")
     open_keys(page)
     expect(page.locator("#key-secret-box")).to_be_hidden()
     expect(key_row(page, hint)).to_have_count(1)
