@@ -135,6 +135,31 @@ def test_concurrent_answers_are_capped_per_address_across_identities(make_app, m
     assert codes == [202, 202, 429]
 
 
+@pytest.mark.e2e
+def test_an_answer_leaves_its_account_and_address_places_as_it_ends(make_app, model_server, worker):
+    # Left there, every later answer's admission would read the states of ended ones
+    # (two more round trips per message) until it found them over and dropped them.
+    app = make_app(TIDECHAT_MAX_ACTIVE_ANSWERS_IP="5", **BEHIND_ROUTER)
+    client = app.test_client()
+    ip = f"198.51.100.{uuid.uuid4().int % 250}"
+    cid = client.post("/api/conversations", headers=from_ip(ip)).get_json()["id"]
+    done = client.post(
+        f"/api/conversations/{cid}/messages",
+        json={"content": "hi", "model": model_server.script(chunks=["o", "k"]), "stream": False},
+        headers=from_ip(ip),
+    )
+    assert done.status_code == 200 and done.get_json()["message"]["content"] == "ok"
+    gid = done.get_json()["message"]["generation_id"]
+    r, keys = app.extensions["stream_bus"].redis, app.extensions["redis_keys"]
+    places = r.hget(keys.generation(gid).meta, "active").decode().split("\n")
+    assert len(places) == 2 and keys.active(f"ip:{ip}") in places  # and its account's
+    # the worker leaves them right after it writes the end the client saw
+    deadline = time.monotonic() + 5
+    while any(r.zscore(p, gid) is not None for p in places) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [r.zscore(p, gid) for p in places] == [None, None]
+
+
 def test_a_deep_backlog_is_429_with_retry_after(make_app, model_server):
     app = make_app(TIDECHAT_MAX_QUEUED="2", **no_worker_queue())
     model = model_server.script(chunks=["ok"])

@@ -44,7 +44,7 @@ def _launch(assistant: Message, admission: limits.Admission, follow: bool) -> Su
     gid = assistant.generation_id
     sub = None
     try:
-        bus().create(gid)
+        bus().create(gid, admission.keys)
         sub = get_hub().subscribe(gid) if follow else None
         enqueue_generation(current_app, gid, admission.priority)
         lifecycle.queued(gid, model=assistant.model, priority=admission.priority)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import os
 import time
 from collections import defaultdict
@@ -42,8 +41,6 @@ from prometheus_client.core import (
 )
 
 from tidechat.redis_keys import RedisKeys
-
-log = logging.getLogger(__name__)
 
 # --- per process ------------------------------------------------------------------------
 OPEN_STREAMS = Gauge(
@@ -97,27 +94,22 @@ class EndTiming(NamedTuple):
 
 
 def record_end(
-    r: redis.Redis, keys: RedisKeys, gid: str, timing: EndTiming, state: str, payload: dict,
-    mode: str,
-) -> None:  # fmt: skip
+    pipe: Any, keys: RedisKeys, timing: EndTiming, state: str, payload: dict, mode: str
+) -> None:
     """Count one generation's end (its terminal entry was just written), with its time to
-    first token and duration from the stream's own timestamps: one round trip."""
-    try:
-        with r.pipeline(transaction=False) as pipe:
-            code = str(payload.get("code") or "") if state == "error" else ""
-            count(pipe, keys, "generations_finished", state, code)
-            if mode == "reap":
-                count(pipe, keys, "worker_lost")
-            start_ms = int(timing.started_at or timing.queued_at or 0)
-            end_ms = _ms_of(timing.end_id)
-            if start_ms and end_ms >= start_ms:
-                observe(pipe, keys, "duration_seconds", (end_ms - start_ms) / 1000)
-                first_ms = _ms_of(timing.first_id)
-                if timing.started_at and timing.first_id != timing.end_id and first_ms >= start_ms:
-                    observe(pipe, keys, "ttft_seconds", (first_ms - start_ms) / 1000)
-            pipe.execute()
-    except (redis.RedisError, ValueError):
-        log.info("could not count the end of %s", gid, exc_info=True)
+    first token and duration from the stream's own timestamps, in ``pipe`` (a pipeline the
+    caller executes). ValueError if ``timing`` holds no stream ids."""
+    code = str(payload.get("code") or "") if state == "error" else ""
+    count(pipe, keys, "generations_finished", state, code)
+    if mode == "reap":
+        count(pipe, keys, "worker_lost")
+    start_ms = int(timing.started_at or timing.queued_at or 0)
+    end_ms = _ms_of(timing.end_id)
+    if start_ms and end_ms >= start_ms:
+        observe(pipe, keys, "duration_seconds", (end_ms - start_ms) / 1000)
+        first_ms = _ms_of(timing.first_id)
+        if timing.started_at and timing.first_id != timing.end_id and first_ms >= start_ms:
+            observe(pipe, keys, "ttft_seconds", (first_ms - start_ms) / 1000)
 
 
 def _ms_of(entry_id: str) -> int:

@@ -6,7 +6,9 @@ Per generation ``<gid>``:
                            ``terminal_id`` (the stream id of the done/error entry),
                            ``fence`` (claims so far: the running worker's fencing token),
                            ``seq`` (the last delta batch appended, for exactly-once appends),
-                           ``queued_at``/``started_at`` (ms), ``handoffs``;
+                           ``queued_at``/``started_at`` (ms), ``handoffs``,
+                           ``active`` (the active sets it joined, one per line: its
+                           end leaves them);
 - ``<p>gen:<gid>:lease``   the fence of the worker holding it (TTL, renewed);
 - ``<p>gen:<gid>:cancel``  set when the owner asks to stop.
 Channels:
@@ -17,7 +19,8 @@ Process-wide:
 - ``<p>worker:<id>``       hash: that worker's last heartbeat (TTL 3 intervals);
 - ``<p>metrics``           hash: the app-wide metrics (tidechat/metrics.py).
 Per account or client address ``<who>`` (``acct:<owner>`` or ``ip:<address>``), for limits:
-- ``<p>active:<who>``      sorted set: its answers not yet over (generation ids);
+- ``<p>active:<who>``      sorted set: its answers not yet over (generation ids; an
+                           answer leaves it as it ends, or is dropped once found over);
 - ``<p>streams:<who>``     sorted set: its open event streams, scored by when they expire;
 - ``<p>tokens:<owner>:<YYYYMMDD>``  tokens an account used that UTC day.
 Flask-Limiter's rate-limit counters live under ``<p>ratelimit``.

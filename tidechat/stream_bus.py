@@ -9,10 +9,12 @@ and nothing is appended after it. Readers see entries as ``(id, event, data)`` w
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,8 @@ import redis
 
 from tidechat import metrics
 from tidechat.redis_keys import GenerationKeys, RedisKeys
+
+log = logging.getLogger(__name__)
 
 DELTA, DONE, ERROR = "delta", "done", "error"
 TERMINAL_EVENTS = frozenset({DONE, ERROR})
@@ -103,9 +107,9 @@ return last
 # mode "reap":    its worker's lease is gone (the worker died): a reader or the sweeper;
 # mode "lost":    Redis lost its state (restart without persistence, flush, failover):
 #                 a fresh terminal entry, so open streams still end.
-# -> {the terminal entry's id, started_at, queued_at, the stream's first entry id} (for
-# metrics.record_end, without more round trips), false if another writer ended it first,
-# "gone" (mode "running") if its state is lost.
+# -> {the terminal entry's id, started_at, queued_at, the stream's first entry id, the
+# active sets it joined} (for the end's bookkeeping, without more round trips), false if
+# another writer ended it first, "gone" (mode "running") if its state is lost.
 _FINISH = (
     _ALLOW_OOM
     + """
@@ -124,13 +128,13 @@ elseif mode == 'running' and redis.call('HGET', KEYS[2], 'fence') ~= ARGV[6] the
   return false
 end
 local id = redis.call('XADD', KEYS[1], '*', 'event', ARGV[1], 'data', ARGV[2])
-local times = redis.call('HMGET', KEYS[2], 'started_at', 'queued_at')
+local times = redis.call('HMGET', KEYS[2], 'started_at', 'queued_at', 'active')
 local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1][1]
 redis.call('HSET', KEYS[2], 'state', ARGV[3], 'terminal_id', id)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('DEL', KEYS[3], KEYS[4])
-return {id, times[1], times[2], first}
+return {id, times[1], times[2], first, times[3]}
 """
 )
 
@@ -285,11 +289,16 @@ class StreamBus:
                 self.redis.nodes_manager.initialize()
 
     # -- lifecycle -------------------------------------------------------------------
-    def create(self, gid: str) -> None:
-        """A new generation, queued; its keys live until it finishes (then STREAM_TTL)."""
+    def create(self, gid: str, active: Sequence[str] = ()) -> None:
+        """A new generation, queued; its keys live until it finishes (then STREAM_TTL).
+        ``active``: the sets of answers not yet over that it joined (limits.admit); its
+        end leaves them."""
         k = self.k(gid)
+        meta = {"state": QUEUED, "queued_at": now_ms()}
+        if active:
+            meta["active"] = "\n".join(active)
         with self.redis.pipeline(transaction=False) as pipe:  # (app-wide metrics: another slot)
-            pipe.hset(k.meta, mapping={"state": QUEUED, "queued_at": now_ms()})
+            pipe.hset(k.meta, mapping=meta)
             pipe.expire(k.meta, self.stream_ttl * 24)
             metrics.count(pipe, self.keys, "generations_queued")
             pipe.execute()
@@ -358,10 +367,18 @@ class StreamBus:
         )
         if not isinstance(result, list):
             return _text(result) or None  # GONE, or None: not this call's to end
-        # This call wrote the one terminal entry: count it, with the times the script read.
-        ended, started_at, queued_at, first_id = (_text(v) for v in result)
+        # This call wrote the one terminal entry: count it, with the times the script read,
+        # and leave the active sets (in one round trip: they live in other hash slots).
+        ended, started_at, queued_at, first_id, active = (_text(v) for v in result)
         timing = metrics.EndTiming(ended, first_id, started_at, queued_at)
-        metrics.record_end(self.redis, self.keys, gid, timing, state, payload, mode)
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                metrics.record_end(pipe, self.keys, timing, state, payload, mode)
+                for key in filter(None, (active or "").split("\n")):
+                    pipe.zrem(key, gid)
+                pipe.execute()
+        except (redis.RedisError, ValueError):  # bookkeeping: the end itself stands
+            log.info("could not count the end of %s", gid, exc_info=True)
         return ended
 
     def release(self, gid: str, fence: int) -> bool:
