@@ -47,7 +47,12 @@ def test_a_fresh_cookie_per_request_still_hits_the_per_address_limit(make_app, m
     statuses = [post_answer(app.test_client(), model, ip).status_code for _ in range(4)]
     assert statuses == [202, 202, 202, 429]
     refused = post_answer(app.test_client(), model, ip)
-    assert code_of(refused) == "rate_limited" and int(refused.headers["Retry-After"]) > 0
+    assert code_of(refused) == "rate_limited"
+    # when to come back: the minute's window ends within the minute
+    assert 0 < int(refused.headers["Retry-After"]) <= 60
+    assert refused.headers["X-RateLimit-Limit"] == "3"
+    assert refused.headers["X-RateLimit-Remaining"] == "0"
+    assert 0 <= int(refused.headers["X-RateLimit-Reset"]) - time.time() <= 61
     assert post_answer(app.test_client(), model, "192.0.2.200").status_code == 202
 
 

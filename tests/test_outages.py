@@ -51,8 +51,7 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 def assert_unavailable(response) -> None:
     assert response.status_code == 503, response.get_data(as_text=True)
-    # 5 s, or on rate-limited routes the later of that and the limit window's reset
-    # (Flask-Limiter sets Retry-After there on every response)
+    # 5 s, the same on rate-limited routes (their limits count in memory meanwhile)
     assert int(response.headers["Retry-After"]) >= 5
     assert response.get_json()["error"]["code"] == "unavailable"
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 import uuid
@@ -77,20 +78,24 @@ limiter = Limiter(key_func=account_key, default_limits=[])
 def init_app(app: Flask) -> None:
     app.config.setdefault("RATELIMIT_STORAGE_URI", app.config["REDIS_URL"])
     app.config.setdefault("RATELIMIT_KEY_PREFIX", app.config["KEY_PREFIX"] + "ratelimit")
-    app.config.setdefault("RATELIMIT_HEADERS_ENABLED", True)
+    # Flask-Limiter's headers on every response cost two Redis round trips per request (the
+    # window's expiry and count); a refusal still gets them (_explain_refusal).
+    app.config.setdefault("RATELIMIT_HEADERS_ENABLED", False)
     # While its Redis is down, count in this process's memory instead of failing requests.
     app.config.setdefault("RATELIMIT_IN_MEMORY_FALLBACK_ENABLED", True)
     app.config.setdefault("RATELIMIT_SWALLOW_ERRORS", True)
     limiter.init_app(app)
-    app.after_request(_count_refusal)
+    app.after_request(_on_refusal)
     app.extensions["stream_slots"] = StreamSlots(
         app.extensions["stream_bus"].redis, app.extensions["redis_keys"]
     )
 
 
-def _count_refusal(response: Response) -> Response:
-    """Count every 429, app-wide, by its code (best effort: Redis may be what failed)."""
+def _on_refusal(response: Response) -> Response:
+    """Every 429: say when to come back, and count it app-wide by its code (best effort:
+    Redis may be what failed)."""
     if response.status_code == 429:
+        _explain_refusal(response)
         body = response.get_json(silent=True) or {}
         code = str((body.get("error") or {}).get("code") or "rate_limited")
         with contextlib.suppress(redis.RedisError):
@@ -99,6 +104,24 @@ def _count_refusal(response: Response) -> Response:
                 current_app.extensions["redis_keys"], "rate_limited", code,
             )  # fmt: skip
     return response
+
+
+def _explain_refusal(response: Response) -> None:
+    """A rate limit's refusal gets the limit, what is left of it, its reset (epoch s) and
+    ``Retry-After``. (The other 429s, ApiError's, carry their own ``Retry-After``.)"""
+    limit = limiter.current_limit
+    if limit is None or not limit.breached:
+        return
+    try:
+        reset, remaining = limit.window
+    except Exception:  # the counters' Redis is out of reach: at worst, a whole window
+        log.info("could not read the window of %s", limit.limit, exc_info=True)
+        reset, remaining = time.time() + limit.limit.get_expiry(), 0
+    now = time.time()  # after the read: its reset is "now" plus a whole number of seconds
+    response.headers["X-RateLimit-Limit"] = str(limit.limit.amount)
+    response.headers["X-RateLimit-Remaining"] = str(remaining)
+    response.headers["X-RateLimit-Reset"] = str(math.ceil(reset))
+    response.headers.setdefault("Retry-After", str(max(1, math.ceil(reset - now))))
 
 
 def _setting(name: str) -> Callable[[], str]:
