@@ -1,5 +1,6 @@
 """The stream bus's guarantees, against real Redis: appends exactly once, fenced writers,
-leases taken back after Redis lost them, and a fresh end when Redis lost everything."""
+leases taken back after Redis lost them, a fresh end when Redis lost everything, and the
+worker's writer going on after Redis lost its scripts."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import uuid
 
 import pytest
 
+from tests.faults import PrivateRedis
 from tidechat.redis_keys import RedisKeys
 from tidechat.stream_bus import DELTA, DONE, GONE, STATE_LOST, STOPPED, StreamBus, dumps
+from worker.stream_writer import Outbox, StreamWriter
 
 
 @pytest.fixture
@@ -83,3 +86,39 @@ def test_when_redis_lost_the_state_writers_hear_gone_and_a_fresh_end_is_written(
     assert [e.event for e in bus.entries(gid)] == ["error"]
     assert bus.meta(gid)["state"] == "error"
     assert bus.end_lost(gid, "error", STATE_LOST, "error") is None  # once only
+
+
+def script_calls(r) -> int:
+    """SCRIPT commands (EXISTS, LOAD) the server has run."""
+    stats = r.info("commandstats")
+    return sum(v["calls"] for k, v in stats.items() if k.split("|")[0] == "cmdstat_script")
+
+
+def test_the_writer_appends_in_one_round_trip_and_survives_redis_forgetting_its_scripts(
+    tmp_path,
+):
+    """Each batch is one pipelined EVALSHA (no SCRIPT EXISTS first, as redis-py's Script
+    does in a pipeline); a server restarted from disk has the streams but not the scripts:
+    the writer loads it again and the text goes on exactly, nothing lost or doubled."""
+    server = PrivateRedis(tmp_path).start()
+    try:
+        r = server.client()
+        bus = StreamBus(r, RedisKeys("writer:"), stream_ttl=60)
+        writer = StreamWriter(bus, 0.0, retry_seconds=5)
+        gid, fence = running(bus)
+        box = Outbox(gid, fence)
+        words = [f"word{i} " for i in range(10)]
+        writer.put(box, words[0])  # the first append on this server loads the script
+        assert writer.drain(box, timeout=10)
+        before = script_calls(r)
+        for word in words[1:5]:
+            writer.put(box, word)
+            assert writer.drain(box, timeout=10)
+        assert script_calls(r) == before  # no SCRIPT EXISTS per batch
+        r.script_flush()  # what a restart from the AOF leaves: data, no scripts
+        for word in words[5:]:
+            writer.put(box, word)
+            assert writer.drain(box, timeout=10)
+        assert not box.failed and texts(bus, gid) == words
+    finally:
+        server.stop()

@@ -326,9 +326,19 @@ class StreamBus:
         call is queued there and its reply comes from ``pipe.execute()``.
         """
         k = self.k(gid)
-        flat = [part for pair in events for part in pair]
-        last = self._append(keys=[k.stream, k.meta], args=[fence, seq, *flat], client=pipe)
-        return None if pipe is not None else _text(last)
+        keys, args = [k.stream, k.meta], [fence, seq, *(part for pair in events for part in pair)]
+        if pipe is None:
+            return _text(self._append(keys=keys, args=args))
+        # A bare EVALSHA: redis-py's Script in a pipeline first asks the server whether
+        # the script exists, one more round trip per execute. A server that lost its
+        # scripts (a restart) answers NoScriptError: load_scripts(), then run it again.
+        pipe.evalsha(self._append.sha, len(keys), *keys, *args)
+        return None
+
+    def load_scripts(self, client: Any) -> None:
+        """Load the scripts that pipelines run as bare EVALSHAs on ``client`` (a server
+        that answered NoScriptError: restarted, or one cluster node)."""
+        client.script_load(self._append.script)
 
     def finish(
         self, gid: str, event: str, payload: dict, final_state: str, fence: int

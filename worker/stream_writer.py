@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import redis
+from redis.exceptions import NoScriptError
 
 from tidechat import metrics
 from tidechat.stream_bus import DELTA, GONE, STOPPED, UNAVAILABLE, StreamBus, dumps
@@ -36,8 +37,8 @@ def refusal(exc: Exception) -> dict[str, str] | None:
     Full (maxmemory) or a read-only replica is ``unavailable``; Redis 6 reports an OOM
     inside a script as a plain script error, so the text is checked too.
     """
-    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
-        return None
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError | NoScriptError):
+        return None  # (NoScriptError: a restarted server, its scripts loaded again since)
     text = str(exc)
     if isinstance(exc, redis.exceptions.OutOfMemoryError | redis.exceptions.ReadOnlyError) or (
         "OOM" in text or "READONLY" in text
@@ -184,23 +185,31 @@ class StreamWriter:
                 time.sleep(pause)
                 pause = min(pause * 2, 2.0)
 
+    def _append_on(self, client: Any, batches: list[_Batch], count: bool = True) -> list[Any]:
+        """Append these batches on one server in one round trip: each one's reply (its
+        last id, STOPPED, GONE, or the exception)."""
+        try:
+            with client.pipeline(transaction=False) as pipe:
+                for b in batches:
+                    self.bus.append(b.box.gid, b.box.fence, b.seq, [(DELTA, b.payload)], pipe)
+                if count and client is self.bus.redis:  # one server: the count rides along
+                    chars = sum(len(b.text) for b in batches)
+                    metrics.count(pipe, self.bus.keys, "chars_relayed", amount=chars)
+                return pipe.execute(raise_on_error=False)[: len(batches)]
+        except redis.RedisError as exc:
+            self.bus.refresh_nodes()
+            return [exc] * len(batches)
+
     def _attempt(self, batches: list[_Batch], final: bool) -> list[_Batch]:
         """One pipelined try per Redis server; returns the batches to try again."""
         replies: list[Any] = [None] * len(batches)
         written = 0
         for client, indexes in self.bus.by_node([b.box.gid for b in batches]):
-            try:
-                with client.pipeline(transaction=False) as pipe:
-                    for i in indexes:
-                        b = batches[i]
-                        self.bus.append(b.box.gid, b.box.fence, b.seq, [(DELTA, b.payload)], pipe)
-                    if client is self.bus.redis:  # one server: the count rides along
-                        chars = sum(len(batches[i].text) for i in indexes)
-                        metrics.count(pipe, self.bus.keys, "chars_relayed", amount=chars)
-                    got = pipe.execute(raise_on_error=False)[: len(indexes)]
-            except redis.RedisError as exc:
-                got = [exc] * len(indexes)
-                self.bus.refresh_nodes()
+            got = self._append_on(client, [batches[i] for i in indexes])
+            if any(isinstance(reply, NoScriptError) for reply in got):
+                with contextlib.suppress(redis.RedisError):  # (restarted: run them again)
+                    self.bus.load_scripts(client)
+                    got = self._append_on(client, [batches[i] for i in indexes], count=False)
             for i, reply in zip(indexes, got, strict=True):
                 replies[i] = reply
                 if client is not self.bus.redis and not isinstance(reply, Exception):
