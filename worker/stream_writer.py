@@ -205,11 +205,12 @@ class StreamWriter:
         replies: list[Any] = [None] * len(batches)
         written = 0
         for client, indexes in self.bus.by_node([b.box.gid for b in batches]):
-            got = self._append_on(client, [batches[i] for i in indexes])
+            group = [batches[i] for i in indexes]
+            got = self._append_on(client, group)
             if any(isinstance(reply, NoScriptError) for reply in got):
                 with contextlib.suppress(redis.RedisError):  # (restarted: run them again)
                     self.bus.load_scripts(client)
-                    got = self._append_on(client, [batches[i] for i in indexes], count=False)
+                    got = self._append_on(client, group, count=False)
             for i, reply in zip(indexes, got, strict=True):
                 replies[i] = reply
                 if client is not self.bus.redis and not isinstance(reply, Exception):
