@@ -44,9 +44,15 @@ def _launch(assistant: Message, admission: limits.Admission, follow: bool) -> Su
     gid = assistant.generation_id
     sub = None
     try:
-        bus().create(gid, admission.keys)
+        with bus().redis.pipeline(transaction=False) as pipe:
+            bus().create(gid, admission.keys, pipe)
+            if bus().keys.clustered:
+                # A cluster pipeline keeps order per node only: the task must not reach a
+                # worker before its generation exists.
+                pipe.execute()
+            enqueue_generation(current_app, gid, admission.priority, pipe)
+            pipe.execute()
         sub = get_hub().subscribe(gid) if follow else None
-        enqueue_generation(current_app, gid, admission.priority)
         lifecycle.queued(gid, model=assistant.model, priority=admission.priority)
     except REDIS_DOWN:
         # Not queued: end the answer now, so the chat is not left waiting for it forever

@@ -289,19 +289,22 @@ class StreamBus:
                 self.redis.nodes_manager.initialize()
 
     # -- lifecycle -------------------------------------------------------------------
-    def create(self, gid: str, active: Sequence[str] = ()) -> None:
+    def create(self, gid: str, active: Sequence[str] = (), pipe: Any = None) -> None:
         """A new generation, queued; its keys live until it finishes (then STREAM_TTL).
         ``active``: the sets of answers not yet over that it joined (limits.admit); its
-        end leaves them."""
+        end leaves them. With ``pipe``, queued there (it happens at ``pipe.execute()``)."""
+        if pipe is None:
+            with self.redis.pipeline(transaction=False) as pipe:
+                self.create(gid, active, pipe)
+                pipe.execute()
+            return
         k = self.k(gid)
         meta = {"state": QUEUED, "queued_at": now_ms()}
         if active:
             meta["active"] = "\n".join(active)
-        with self.redis.pipeline(transaction=False) as pipe:  # (app-wide metrics: another slot)
-            pipe.hset(k.meta, mapping=meta)
-            pipe.expire(k.meta, self.stream_ttl * 24)
-            metrics.count(pipe, self.keys, "generations_queued")
-            pipe.execute()
+        pipe.hset(k.meta, mapping=meta)
+        pipe.expire(k.meta, self.stream_ttl * 24)
+        metrics.count(pipe, self.keys, "generations_queued")  # (app-wide: another slot)
 
     def claim(self, gid: str, lease_ms: int) -> Claim | None:
         k = self.k(gid)
