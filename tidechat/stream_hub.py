@@ -123,11 +123,25 @@ class Subscription:
                 self._wakeup.set()
 
 
+def _bulk(value: str) -> bytes:
+    """One argument of a Redis command as sent (a RESP bulk string)."""
+    raw = value.encode()
+    return b"$%d\r\n%b\r\n" % (len(raw), raw)
+
+
 @dataclass(slots=True)
 class _Watched:
+    key: bytes  # the stream's key, packed for XREAD once
     cursor: str  # the last id the reader has read from this stream
+    packed_cursor: bytes = b""
     subs: set[Subscription] = field(default_factory=set)
     last_activity: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.advance(self.cursor)
+
+    def advance(self, cursor: str) -> None:
+        self.cursor, self.packed_cursor = cursor, _bulk(cursor)
 
 
 class StreamHub:
@@ -141,6 +155,7 @@ class StreamHub:
         *,
         block_ms: int = 5000,
         read_count: int = 512,
+        pace_s: float = 0.0,
         lease_ttl: float = 6.0,
         reap_interval: float = 2.0,
         reap: Callable[[str], bool] | None = None,
@@ -171,6 +186,7 @@ class StreamHub:
         self._wake_sent = False
         self._block_ms = block_ms
         self._read_count = read_count
+        self._pace_s = pace_s
         self._lease_ttl = lease_ttl
         self._reap_interval = reap_interval
         self._reap = reap or (lambda gid: bool(self._bus.reap(gid, WORKER_LOST)))
@@ -363,7 +379,9 @@ class StreamHub:
             raw = self._reader.xrange(key, min=f"({cursor}", max=backfill_to)
             frames = [encode_entry(parse_entry(i, f)) for i, f in raw]
         with self._lock:
-            watched = self._watched.setdefault(key, _Watched(cursor=cursor))
+            watched = self._watched.get(key)
+            if watched is None:
+                watched = self._watched[key] = _Watched(_bulk(key), cursor)
             watched.subs.add(sub)
         sub._mark("live")
         if frames:
@@ -371,33 +389,58 @@ class StreamHub:
 
     def _read_once(self) -> None:
         with self._lock:
-            streams = {key: w.cursor for key, w in self._watched.items()}
-        streams[self._wake_key] = self._wake_cursor
+            keys = [w.key for w in self._watched.values()]
+            cursors = [w.packed_cursor for w in self._watched.values()]
+        keys.append(_bulk(self._wake_key))
+        cursors.append(_bulk(self._wake_cursor))
         block = self._block_ms
-        if len(streams) > 1:
+        if len(keys) > 1:
             block = min(block, int(self._reap_interval * 1000))
         started = time.monotonic()
-        reply = self._reader.xread(streams, count=self._read_count, block=block)
+        reply = self._xread(keys, cursors, block)
         now = time.monotonic()
         if now - started > block / 1000 + 2:  # Redis stalled (paused, swapping): an outage
             self._ok_since = now
-        for raw_key, raw_entries in reply or []:
+        for raw_key, raw_entries in reply:
             key = raw_key.decode()
             if not raw_entries:
                 continue
             if key == self._wake_key:
                 self._wake_cursor = raw_entries[-1][0].decode()
                 continue
-            frames = [encode_entry(parse_entry(i, f)) for i, f in raw_entries]
+            frames = [encode_entry(parse_entry(i, _fields(f))) for i, f in raw_entries]
             with self._lock:
                 watched = self._watched.get(key)
                 if watched is None:
                     continue
-                watched.cursor = raw_entries[-1][0].decode()
+                watched.advance(raw_entries[-1][0].decode())
                 watched.last_activity = now
                 subs = list(watched.subs)
             for sub in subs:
                 sub._deliver(frames)
+        rest = self._pace_s * len(keys) - (time.monotonic() - started)
+        if reply and rest > 0:  # one read per pace per stream at most: let more gather
+            time.sleep(rest)
+
+    def _xread(self, keys: list[bytes], cursors: list[bytes], block: int) -> list:
+        """``XREAD COUNT n BLOCK ms STREAMS keys... cursors...``: [(key, [(id, fields)])].
+
+        Sent packed from each stream's key and cursor as packed when they last changed:
+        redis-py would pack all 2N arguments again on every read, which with a thousand
+        streams watched took most of a web process's CPU (py-spy, the bench's capacity).
+        """
+        head = [b"*%d\r\n" % (6 + 2 * len(keys)), _XREAD, _COUNT, _bulk(str(self._read_count)),
+                _BLOCK, _bulk(str(block)), _STREAMS]  # fmt: skip
+        conn = self._reader.connection
+        try:
+            conn.send_packed_command([b"".join(head + keys + cursors)])
+            reply = conn.read_response()
+        except BaseException:
+            conn.disconnect()  # a reply may be half read: start the next one afresh
+            raise
+        if isinstance(reply, dict):  # RESP3
+            return list(reply.items())
+        return reply or []
 
     def _reap_if_due(self) -> None:
         """End generations whose worker died: quiet, and their lease gone for a while."""
@@ -426,6 +469,17 @@ class StreamHub:
                         self._unleased.clear(gid)
                 except Exception:
                     log.exception("could not end the lost generation %s", gid)
+
+
+_XREAD, _COUNT, _BLOCK, _STREAMS = (_bulk(w) for w in ("XREAD", "COUNT", "BLOCK", "STREAMS"))
+
+
+def _fields(raw: Any) -> dict:
+    """An entry's fields as XREAD sends them (a flat list) as a dict."""
+    if isinstance(raw, dict):
+        return raw
+    it = iter(raw)
+    return dict(zip(it, it, strict=True))
 
 
 def _clients(redis_url: str, name: str, block_ms: int) -> tuple[Any, Any]:
