@@ -1,8 +1,10 @@
 """The web process's side of the stream bus: one reader fans every stream out to clients.
 
-Each web process holds exactly two Redis connections for all its SSE clients, however many:
+Each web process holds the same few Redis connections for all its SSE clients, however many:
 - the reader, which alone runs one multi-key ``XREAD BLOCK`` over every stream some client
-  is watching (and the occasional XRANGE backfill and reap check);
+  is watching (and the occasional XRANGE backfill and reap check; the pipelines that admit
+  new clients take a second connection from the reader's pool, since redis-py runs a
+  pipeline on a pool connection even for a single-connection client);
 - the waker, which appends to this process's own wake stream so that the reader's blocking
   XREAD returns at once when a client subscribes.
 
