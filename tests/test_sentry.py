@@ -65,19 +65,21 @@ class SentrySink:
         with self.lock:
             return b"\n".join(self.bodies)
 
-    def events(self) -> list[dict]:
+    def events(self, kind: str = "event") -> list[dict]:
         with self.lock:
             bodies = list(self.bodies)
-        return [item for body in bodies for kind, item in envelope_items(body) if kind == "event"]
+        return [item for body in bodies for k, item in envelope_items(body) if k == kind]
 
-    def wait_for(self, match: Callable[[dict], bool], timeout: float = 20) -> dict:
+    def wait_for(
+        self, match: Callable[[dict], bool], timeout: float = 20, kind: str = "event"
+    ) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = [e for e in self.events() if match(e)]
+            found = [e for e in self.events(kind) if match(e)]
             if found:
                 return found[0]
             time.sleep(0.1)
-        raise AssertionError(f"no such event; received: {self.events()}")
+        raise AssertionError(f"no such {kind}; received: {self.events(kind)}")
 
     def close(self) -> None:
         self.server.shutdown()
@@ -222,3 +224,35 @@ def test_a_failed_task_is_reported(reporting_env, workdir, sentry, make_app):
 def exception_type(event: dict) -> str | None:
     values = (event.get("exception") or {}).get("values") or []
     return values[-1].get("type") if values else None
+
+
+# --- one trace from the request to its task ---------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_a_message_and_the_task_that_answers_it_are_one_trace(reporting_env, workdir, sentry):
+    """With tracing on, the worker's transaction for an answer continues the trace of the
+    POST that queued it (before: the web's own enqueue carried no trace, so each answer
+    started a trace of its own)."""
+    env = {
+        **reporting_env,
+        "SENTRY_TRACES_SAMPLE_RATE": "1",
+        "TIDECHAT_CELERY_QUEUE": f"sentry-trace-{uuid.uuid4().hex[:8]}",
+    }
+    worker = start_worker(env, workdir, "worker-sentry-trace")
+    web = start_web(env, workdir, "web-sentry-trace")
+    try:
+        with httpx.Client(base_url=web.url, timeout=30) as http:
+            cid = http.post("/api/conversations").json()["id"]
+            posted = http.post(f"/api/conversations/{cid}/messages", json={"content": "hi"})
+            assert posted.status_code == 202
+        task = sentry.wait_for(lambda e: e.get("transaction") == GENERATE_TASK, kind="transaction")
+        request = sentry.wait_for(
+            lambda e: (e.get("transaction") or "").endswith("/messages"), kind="transaction"
+        )
+    finally:
+        web.stop()
+        worker.stop()
+    trace = request["contexts"]["trace"]
+    assert task["contexts"]["trace"]["trace_id"] == trace["trace_id"]
+    assert task["contexts"]["trace"]["parent_span_id"] is not None

@@ -56,8 +56,26 @@ def init(proc: str, environ: Mapping[str, str] | None = None) -> bool:
         before_send=_tag_ids,
     )
     sentry_sdk.get_global_scope().set_tag("proc", proc)  # web or worker, on every report
+    from celery.signals import before_task_publish
+
+    before_task_publish.connect(_propagate_trace, weak=False, dispatch_uid="tidechat-sentry")
     log.info("error reports go to Sentry")
     return True
+
+
+def _propagate_trace(headers: dict | None = None, **_: Any) -> None:
+    """The request's trace, on to the worker's task: a generation is queued without
+    ``send_task`` (worker.GenerationQueue), which Sentry's Celery integration wraps to do
+    this. Put where that integration puts it: on the message and in its inner ``headers``,
+    which the worker's side reads."""
+    import sentry_sdk
+
+    if headers is None or "sentry-trace" in headers:  # (send_task's own, already there)
+        return
+    trace = {"sentry-trace": sentry_sdk.get_traceparent(), "baggage": sentry_sdk.get_baggage()}
+    trace = {name: value for name, value in trace.items() if value}
+    headers.update(trace)
+    headers.setdefault("headers", {}).update(trace)
 
 
 def _tag_ids(event: dict[str, Any], _hint: dict[str, Any]) -> dict[str, Any]:
