@@ -142,7 +142,7 @@ def _count(counts: dict[str, int], what: str) -> None:
 
 def _count_redis_round_trips(counts: dict[str, int]) -> None:
     """Count each command or pipeline redis-py sends, from any client in this process (the
-    app's, Flask-Limiter's and Celery's producer's)."""
+    app's and Flask-Limiter's; the task's push rides in the app's pipeline)."""
     from redis.connection import AbstractConnection
 
     send = AbstractConnection.send_packed_command

@@ -15,6 +15,9 @@ from flask import Flask
 from kombu.serialization import dumps as serialize
 from kombu.utils.json import dumps as to_json
 
+from tidechat.limits import queue_names
+from tidechat.redis_keys import RedisKeys
+
 GENERATE_TASK = "tidechat.generate"
 
 
@@ -53,9 +56,7 @@ class GenerationQueue:
     in kombu's envelope; tests/test_generation_queue.py checks it against ``send_task``'s.
     """
 
-    def __init__(self, celery_app: Celery, keys: Any) -> None:
-        from tidechat.limits import queue_names  # (the web's module: not at import time)
-
+    def __init__(self, celery_app: Celery, keys: RedisKeys) -> None:
         self._app = celery_app
         self._queue = celery_app.conf.task_default_queue
         self._lists = queue_names(keys.celery_queue(self._queue))  # by priority level
