@@ -104,3 +104,32 @@ def test_deleting_a_conversation_deletes_its_messages(session):
     session.commit()
     assert session.query(models.Message).filter_by(conversation_id=conv.id).count() == 0
     assert chat.generation_message(session, assistant.generation_id) is None
+
+
+def test_a_burst_past_the_connection_pool_gets_busy_not_unreachable(make_app, database_url):
+    """Every pooled connection in use until the pool's timeout: 503 "busy" with
+    Retry-After, on the page's API and on /v1 (before: "cannot reach its database", seen
+    with PostgreSQL under the bench's 1000 simultaneous POSTs), and served again once one
+    is free."""
+    db.upgrade(database_url)
+    app = make_app(
+        DATABASE_URL=database_url,
+        TIDECHAT_DATABASE_POOL_SIZE="1",
+        TIDECHAT_DATABASE_MAX_OVERFLOW="0",
+        TIDECHAT_DATABASE_POOL_TIMEOUT="0.2",
+    )
+    client = app.test_client()
+    assert client.post("/api/conversations").status_code == 201
+    key = client.post("/api/keys", json={"name": "busy"}).get_json()["key"]
+    engine = app.extensions["db"].kw["bind"]
+    held = engine.connect()  # the pool's only connection, as a long request would hold it
+    try:
+        page = client.get("/api/conversations")
+        v1 = client.get("/v1/responses/resp_x", headers={"Authorization": f"Bearer {key}"})
+    finally:
+        held.close()
+    for response in (page, v1):
+        assert response.status_code == 503, response.get_data(as_text=True)
+        assert response.get_json()["error"]["code"] == "busy"
+        assert int(response.headers["Retry-After"]) > 0
+    assert client.get("/api/conversations").status_code == 200

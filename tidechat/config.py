@@ -33,6 +33,12 @@ DEFAULTS: dict[str, Any] = {
     # Every process of a deployment must agree on it; changing it strands running answers.
     "REDIS_CLUSTER_BUCKETS": 16,
     "DATABASE_URL": f"sqlite:///{INSTANCE_DIR / 'tidechat.db'}",
+    # Per process: connections kept, more opened in a burst, and how long a request waits
+    # for one once all are in use (then 503 "busy"). Size them to the server's
+    # max_connections over every web and worker process.
+    "DATABASE_POOL_SIZE": 10,
+    "DATABASE_MAX_OVERFLOW": 20,
+    "DATABASE_POOL_TIMEOUT": 10.0,
     "OPENAI_API_KEY": "",
     "OPENAI_BASE_URL": "",
     "OPENAI_TIMEOUT": 60.0,  # seconds without a byte from the model before giving up

@@ -5,25 +5,30 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from flask import Flask, current_app, g
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, pool: dict[str, Any] | None = None) -> Engine:
+    """The engine for ``url``; ``pool``: ``pool_size``, ``max_overflow``, ``pool_timeout``."""
+    pool = pool or {}
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         # Web and worker greenlets share the pool, so connections move between "threads".
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, **pool
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # connect_timeout: a database that blackholes must fail a request (503), not hang it
     return create_engine(
-        url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=10,
-        connect_args={"connect_timeout": 5},
+        url, pool_pre_ping=True, connect_args={"connect_timeout": 5},
+        **{"pool_size": 10, "max_overflow": 20, "pool_timeout": 10, **pool},
     )  # fmt: skip
 
 
@@ -40,7 +45,15 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 def init_app(app: Flask) -> None:
-    engine = make_engine(app.config["DATABASE_URL"])
+    cfg = app.config
+    engine = make_engine(
+        cfg["DATABASE_URL"],
+        {
+            "pool_size": int(cfg["DATABASE_POOL_SIZE"]),
+            "max_overflow": int(cfg["DATABASE_MAX_OVERFLOW"]),
+            "pool_timeout": float(cfg["DATABASE_POOL_TIMEOUT"]),
+        },
+    )
     app.extensions["db"] = sessionmaker(engine, expire_on_commit=False)
     app.teardown_appcontext(_close_session)
 

@@ -63,6 +63,15 @@ def unavailable(what: str) -> ApiError:
     )
 
 
+def database_unavailable(exc: Exception) -> ApiError:
+    """A failed database call as its client sees it. Every pooled connection in use until
+    ``DATABASE_POOL_TIMEOUT`` (a burst) is "busy", not "cannot reach"."""
+    if isinstance(exc, sqlalchemy.exc.TimeoutError):
+        metrics.DATABASE_ERRORS.inc()
+        return ApiError(503, "busy", "The service is busy right now; try again in a moment.")
+    return unavailable("database")
+
+
 def register(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
@@ -77,7 +86,7 @@ def register(app: Flask) -> None:
 
     def _database_down(exc: Exception):
         log.warning("%s %s: database unavailable: %s", request.method, request.path, exc)
-        return _api_error(unavailable("database"))
+        return _api_error(database_unavailable(exc))
 
     for exc_class in REDIS_DOWN:
         app.register_error_handler(exc_class, _redis_down)

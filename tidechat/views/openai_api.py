@@ -20,7 +20,13 @@ from werkzeug.wsgi import ClosingIterator
 
 from tidechat import accounts, answers, chat, db, limits, metrics, models, policy
 from tidechat import openai_wire as wire
-from tidechat.errors import DATABASE_DOWN, REDIS_DOWN, ApiError, unavailable
+from tidechat.errors import (
+    DATABASE_DOWN,
+    REDIS_DOWN,
+    ApiError,
+    database_unavailable,
+    unavailable,
+)
 from tidechat.models import Conversation, Message
 from tidechat.stream_bus import Entry, dumps
 from tidechat.stream_hub import Frame, Subscription
@@ -60,17 +66,18 @@ def _http_error(exc: HTTPException):
     return _error(status, _HTTP_CODES.get(status, "http_error"), exc.description or exc.name)
 
 
-def _unavailable(what: str):
-    def handler(_exc: Exception):
-        return _api_error(unavailable(what))
+def _redis_down(_exc: Exception):
+    return _api_error(unavailable("Redis"))
 
-    return handler
+
+def _database_down(exc: Exception):
+    return _api_error(database_unavailable(exc))
 
 
 for _exc in REDIS_DOWN:
-    bp.register_error_handler(_exc, _unavailable("Redis"))
+    bp.register_error_handler(_exc, _redis_down)
 for _exc in DATABASE_DOWN:
-    bp.register_error_handler(_exc, _unavailable("database"))
+    bp.register_error_handler(_exc, _database_down)
 
 
 @bp.before_request
