@@ -133,3 +133,11 @@ def test_a_burst_past_the_connection_pool_gets_busy_not_unreachable(make_app, da
         assert response.get_json()["error"]["code"] == "busy"
         assert int(response.headers["Retry-After"]) > 0
     assert client.get("/api/conversations").status_code == 200
+
+
+def test_an_in_memory_sqlite_database_takes_the_pool_settings_it_has_no_use_for():
+    pool = {"pool_size": 1, "max_overflow": 0, "pool_timeout": 0.2}
+    engine = db.make_engine("sqlite:///:memory:", pool)  # (its pool is one per thread)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("select 1").scalar() == 1
+    engine.dispose()

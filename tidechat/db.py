@@ -19,6 +19,8 @@ def make_engine(url: str, pool: dict[str, Any] | None = None) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+        else:  # one connection per thread, no pool to size
+            pool = {}
         # Web and worker greenlets share the pool, so connections move between "threads".
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 30}, **pool
