@@ -6,6 +6,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 import redis
 
@@ -33,13 +34,7 @@ def test_a_client_admitted_as_redis_fails_gets_its_gap_once_it_is_back(
     hole in its text) and dropped the clients admitted after it (503 after 30 s)."""
     keys = RedisKeys(key_prefix + "hub:")
     bus = StreamBus(redis_client, keys, stream_ttl=60)
-    gid = uuid.uuid4().hex
-    bus.create(gid)
-    claim = bus.claim(gid, 60_000)
-
-    def append(seq: int) -> str:
-        return bus.append(gid, claim.fence, seq, [(DELTA, dumps({"text": f"t{seq} "}))])
-
+    gid, append = _stream_of(bus)
     ids = [append(seq) for seq in (1, 2, 3)]
     hub = StreamHub(redis_url, keys, 60, block_ms=200, reap_interval=0.2)
     try:
@@ -66,7 +61,7 @@ def test_a_client_admitted_as_redis_fails_gets_its_gap_once_it_is_back(
         hub.stop()
 
 
-def _stream_of(bus: StreamBus) -> tuple[str, callable]:
+def _stream_of(bus: StreamBus) -> tuple[str, Callable[[int], str]]:
     """A new running generation, and its append(seq) of the text ``t<seq> ``."""
     gid = uuid.uuid4().hex
     bus.create(gid)

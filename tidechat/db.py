@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 
 def make_engine(url: str, pool: dict[str, Any] | None = None) -> Engine:
-    """The engine for ``url``; ``pool``: ``pool_size``, ``max_overflow``, ``pool_timeout``."""
+    """The engine for ``url``; ``pool``: ``pool_size``, ``max_overflow``, ``pool_timeout``
+    (the app's come from its config; without, SQLAlchemy's own: migrations, scripts)."""
     pool = pool or {}
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -28,10 +29,7 @@ def make_engine(url: str, pool: dict[str, Any] | None = None) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # connect_timeout: a database that blackholes must fail a request (503), not hang it
-    return create_engine(
-        url, pool_pre_ping=True, connect_args={"connect_timeout": 5},
-        **{"pool_size": 10, "max_overflow": 20, "pool_timeout": 10, **pool},
-    )  # fmt: skip
+    return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5}, **pool)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

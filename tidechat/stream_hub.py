@@ -170,6 +170,7 @@ class StreamHub:
         self._redis_url = redis_url
         self._bucket = bucket
         self._wake_key = keys.hub_wake(self.id, bucket)
+        self._packed_wake_key = _bulk(self._wake_key)
         # On a cluster: which node serves this bucket's slot (again, after an error). The
         # reader talks to that node over a plain connection: redis-py's cluster client
         # would ask a node of its choice which keys each XREAD names, a round trip per
@@ -188,6 +189,7 @@ class StreamHub:
         self._wake_sent = False
         self._block_ms = block_ms
         self._read_count = read_count
+        self._packed_count = _XREAD + _COUNT + _bulk(str(read_count))
         self._pace_s = pace_s
         self._lease_ttl = lease_ttl
         self._reap_interval = reap_interval
@@ -393,7 +395,7 @@ class StreamHub:
         with self._lock:
             keys = [w.key for w in self._watched.values()]
             cursors = [w.packed_cursor for w in self._watched.values()]
-        keys.append(_bulk(self._wake_key))
+        keys.append(self._packed_wake_key)
         cursors.append(_bulk(self._wake_cursor))
         block = self._block_ms
         if len(keys) > 1:
@@ -431,8 +433,8 @@ class StreamHub:
         redis-py would pack all 2N arguments again on every read, which with a thousand
         streams watched took most of a web process's CPU (py-spy, the bench's capacity).
         """
-        head = [b"*%d\r\n" % (6 + 2 * len(keys)), _XREAD, _COUNT, _bulk(str(self._read_count)),
-                _BLOCK, _bulk(str(block)), _STREAMS]  # fmt: skip
+        head = [b"*%d\r\n" % (6 + 2 * len(keys)), self._packed_count, _BLOCK, _bulk(str(block)),
+                _STREAMS]  # fmt: skip
         conn = self._reader.connection
         try:
             conn.send_packed_command([b"".join(head + keys + cursors)])
