@@ -64,6 +64,10 @@ class Tally:
     ingest_us: array = field(default_factory=lambda: array("q"))  # model stamp -> XADD
     fanout_us: array = field(default_factory=lambda: array("q"))  # XADD -> client
     ttft_us: list[int] = field(default_factory=list)
+    # TTFT split: POST -> the model server starts the answer (its first token's stamp less
+    # its own time to first token), and (Tidechat's page) the POST's own round trip
+    model_start_us: list[int] = field(default_factory=list)
+    post_us: list[int] = field(default_factory=list)
     tokens: int = 0
     events: int = 0
     completed: int = 0
@@ -157,7 +161,11 @@ async def read_sse(
                 if first:
                     tally.ttft_us.append((now - started_ns) // 1000)
                     first = False
-                text = orjson.loads(data)[wire.text]
+                    text = orjson.loads(data)[wire.text]
+                    if text.split():
+                        tally.model_start_us.append((int(text.split()[0]) - started_ns) // 1000)
+                else:
+                    text = orjson.loads(data)[wire.text]
                 record_tokens(text, now, tally)
                 if eid:
                     record_split(text, eid, now, tally)
@@ -190,6 +198,7 @@ async def tidechat_stream(http: aiohttp.ClientSession, user: User, model: str, t
     started = time.time_ns()
     t.first_post_ns = min(t.first_post_ns or started, started)
     url = await post_message(http, user, model)
+    t.post_us.append((time.time_ns() - started) // 1000)
     async with http.get(url, cookies=user.cookie) as resp:
         await read_sse(resp, started, t)
 
@@ -239,6 +248,8 @@ async def run_streams(target: str, url: str, streams: int, model: str) -> dict:
         "first_post_ns": tally.first_post_ns,
         "last_event_ns": tally.last_event_ns,
         "ttft_us": tally.ttft_us,
+        "model_start_us": tally.model_start_us,
+        "post_us": tally.post_us,
         "overhead_us": tally.overhead_us.tolist(),
         "ingest_us": tally.ingest_us.tolist(),
         "fanout_us": tally.fanout_us.tolist(),

@@ -349,6 +349,8 @@ def summarize(
     ingest = [v for p in parts for v in p.get("ingest_us", [])]
     fanout = [v for p in parts for v in p.get("fanout_us", [])]
     ttft = [v - opts.ttft_ms * 1000 for p in parts for v in p["ttft_us"]]
+    model_start = [v - opts.ttft_ms * 1000 for p in parts for v in p.get("model_start_us", [])]
+    post = [v for p in parts for v in p.get("post_us", [])]
     tokens = sum(p["tokens"] for p in parts)
     first = min(p["first_post_ns"] for p in parts if p["first_post_ns"]) if tokens else 0
     last = max(p["last_event_ns"] for p in parts)
@@ -377,6 +379,11 @@ def summarize(
         "fanout_p99_ms": metrics.ms(metrics.percentile(fanout, 99)),
         "ttft_overhead_p50_ms": metrics.ms(metrics.percentile(ttft, 50)),
         "ttft_overhead_p99_ms": metrics.ms(metrics.percentile(ttft, 99)),
+        # the TTFT overhead's first part: until the model server started the answer
+        "model_start_p50_ms": metrics.ms(metrics.percentile(model_start, 50)),
+        "model_start_p99_ms": metrics.ms(metrics.percentile(model_start, 99)),
+        "post_p50_ms": metrics.ms(metrics.percentile(post, 50)),
+        "post_p99_ms": metrics.ms(metrics.percentile(post, 99)),
     }
 
 
