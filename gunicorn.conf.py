@@ -41,7 +41,8 @@ if logs.json_enabled():
 def post_worker_init(worker) -> None:
     """At SIGTERM (a deploy, a restart) end every open SSE stream at once, so its client
     reconnects with its cursor to a process that stays, instead of stalling until
-    ``graceful_timeout`` cuts it. And start error reports (SENTRY_DSN) in this process."""
+    ``graceful_timeout`` cuts it. Start error reports (SENTRY_DSN) in this process, and
+    keep what it built at startup out of the garbage collector's full collections."""
     import signal
 
     import gevent
@@ -58,9 +59,10 @@ def post_worker_init(worker) -> None:
 
     signal.signal(signal.SIGTERM, handle_exit)
 
-    from tidechat import sweeper
+    from tidechat import gc_freeze, sweeper
 
     sweeper.start(worker.wsgi)  # every process offers to sweep; one at a time does
+    gc_freeze.freeze_startup_objects()  # last: after everything startup builds
 
 
 def on_starting(server) -> None:

@@ -17,7 +17,7 @@ from celery.signals import (
 )
 
 from app import create_app
-from tidechat import error_reporting, logs, sweeper
+from tidechat import error_reporting, gc_freeze, logs, sweeper
 from worker import GENERATE_TASK, tasks
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,9 @@ celery_app = flask_app.extensions["celery"]
 
 
 @worker_ready.connect
-def _start_sweeper(**_: object) -> None:
+def _ready(**_: object) -> None:
     sweeper.start(flask_app)
+    gc_freeze.freeze_startup_objects()
 
 
 @worker_shutting_down.connect
