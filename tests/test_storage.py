@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import event, inspect
 from sqlalchemy.orm import Session
 
 from tests.conftest import postgres_database
@@ -72,12 +72,42 @@ def test_history_follows_message_order_and_skips_empty_answers(session):
     failed_user, failed = chat.start_turn(session, conv, "two", "m", new_id())
     failed.status = models.ERROR
     _, current = chat.start_turn(session, conv, "three", "m", new_id())
-    assert chat.history(conv, current) == [
+    assert chat.history(session, conv, current) == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "one"},
         {"role": "assistant", "content": "uno"},
         {"role": "user", "content": "two"},
         {"role": "user", "content": "three"},
+    ]
+
+
+def test_an_answers_history_is_read_without_loading_the_conversations_messages(session):
+    """A worker starting an answer in a long chat read every message as an ORM object
+    (2 ms of CPU at 200 messages); the history is now plain rows, whatever the length."""
+    conv = Conversation(owner="erin")
+    session.add(conv)
+    session.commit()
+    for i in range(100):
+        _, answer = chat.start_turn(session, conv, f"q{i}", "m", new_id())
+        answer.content, answer.status = f"a{i}", models.DONE
+    _, current = chat.start_turn(session, conv, "last", "m", new_id())
+    session.commit()
+    session.expire_all()
+    loaded = []
+
+    def count(target, _context):
+        loaded.append(target)
+
+    event.listen(models.Message, "load", count)
+    try:
+        turns = chat.history(session, conv, current)
+    finally:
+        event.remove(models.Message, "load", count)
+    assert loaded == []
+    assert len(turns) == 201
+    assert turns[-2:] == [
+        {"role": "assistant", "content": "a99"},
+        {"role": "user", "content": "last"},
     ]
 
 

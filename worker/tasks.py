@@ -174,7 +174,7 @@ class Generation:
 
     def _request(self, s: Any, msg: models.Message, prefix: str) -> model_client.Request:
         conv = msg.conversation
-        messages = policy.fit_context(chat.history(conv, msg), int(self.cfg["CONTEXT_TOKENS"]))
+        messages = policy.fit_context(chat.history(s, conv, msg), int(self.cfg["CONTEXT_TOKENS"]))
         self.owner, self.prompt = conv.owner, "".join(m["content"] for m in messages)
         if msg.status != models.STREAMING:
             msg.status = models.STREAMING
