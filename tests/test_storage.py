@@ -63,6 +63,35 @@ def test_turns_round_trip_exactly(session):
     assert again.title == chat.title_from(content)
 
 
+def test_an_answers_start_and_end_are_stored_exactly(session, database_url):
+    conv = Conversation(owner="frank")
+    session.add(conv)
+    session.commit()
+    _, done = chat.start_turn(session, conv, "one", "m", new_id())
+    _, failed = chat.start_turn(session, conv, "two", "m", new_id())
+    session.commit()
+    for answer in (done, failed):
+        chat.mark_streaming(session, answer)
+    session.commit()
+    assert (done.status, failed.status) == (models.STREAMING, models.STREAMING)
+    usage = {"prompt_tokens": 3, "completion_tokens": 2}
+    chat.record_end(session, done, "uno ✓", models.DONE, {"finish_reason": "stop", "usage": usage})
+    error = {"code": "upstream_error", "message": "The model server failed."}
+    chat.record_end(session, failed, "dos", models.ERROR, error)
+
+    engine = db.make_engine(database_url)
+    with Session(engine) as fresh:
+        stored = {m.id: m for m in fresh.query(models.Message).filter_by(role="assistant")}
+        first, second = stored[done.id], stored[failed.id]
+        assert (first.content, first.status, first.finish_reason, first.usage, first.error) == (
+            "uno ✓", models.DONE, "stop", usage, None
+        )
+        assert (second.content, second.status, second.error) == ("dos", models.ERROR, error)
+    engine.dispose()
+    # the session's own objects say the same, without a reload
+    assert (done.status, done.usage, failed.error) == (models.DONE, usage, error)
+
+
 def test_history_follows_message_order_and_skips_empty_answers(session):
     conv = Conversation(owner="bob", system_prompt="Be brief.")
     session.add(conv)

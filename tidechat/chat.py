@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Select,
+    Update,
     and_,
     bindparam,
     delete,
@@ -95,13 +96,18 @@ def owned_generation(s: Session, owner: str, gid: str) -> Message:
     return msg
 
 
+# Built once, like the other statements of an answer's start and end below: building an
+# ORM statement (and its cache key) on each call cost more than running it.
+_GENERATION_MESSAGE = (
+    select(Message)
+    .options(joinedload(Message.conversation, innerjoin=True))
+    .where(Message.generation_id == bindparam("gid"))
+)
+
+
 def generation_message(s: Session, gid: str) -> Message | None:
     """The message of generation ``gid``, with its conversation (one query)."""
-    return s.scalar(
-        select(Message)
-        .options(joinedload(Message.conversation, innerjoin=True))
-        .where(Message.generation_id == gid)
-    )
+    return s.scalar(_GENERATION_MESSAGE, {"gid": gid})
 
 
 def unfinished(s: Session, limit: int) -> list[Message]:
@@ -115,6 +121,27 @@ def unfinished(s: Session, limit: int) -> list[Message]:
     return list(s.scalars(query))
 
 
+def _end_statements() -> dict[bool, Update]:
+    """The UPDATE of an answer's end: by whether it is an error (its error payload) or not
+    (its finish reason and usage). Core statements on the table, with every value bound."""
+    m, table = Message.__table__.c, Message.__table__
+    common = {"content": bindparam("new_content"), "status": bindparam("new_status")}
+    by_id = m.id == bindparam("mid")
+    failed = update(table).where(by_id).values(**common, error=bindparam("new_error"))
+    ended = update(table).where(by_id).values(
+        **common, finish_reason=bindparam("new_finish_reason"), usage=bindparam("new_usage")
+    )
+    return {True: failed, False: ended}
+
+
+_END = _end_statements()
+_STREAMING = (
+    update(Message.__table__)
+    .where(Message.__table__.c.id == bindparam("mid"))
+    .values(status=models.STREAMING)
+)
+
+
 def record_end(s: Session, msg: Message, text: str, status: str, payload: dict) -> None:
     """Store how a generation ended, as one UPDATE and commit (safe to retry: it does not
     depend on what the session has loaded, which a failed commit throws away)."""
@@ -124,10 +151,18 @@ def record_end(s: Session, msg: Message, text: str, status: str, payload: dict) 
     else:
         values.update(finish_reason=payload.get("finish_reason"), usage=payload.get("usage"))
     s.rollback()
-    s.execute(update(Message).where(Message.id == msg.id).values(**values))
+    params = {"new_" + name: value for name, value in values.items()}
+    s.connection().execute(_END[status == models.ERROR], {"mid": msg.id, **params})
     s.commit()
     for name, value in values.items():
         set_committed_value(msg, name, value)
+
+
+def mark_streaming(s: Session, msg: Message) -> None:
+    """The answer is being written (in the session's transaction: the caller commits)."""
+    if msg.status != models.STREAMING:
+        s.connection().execute(_STREAMING, {"mid": msg.id})
+        set_committed_value(msg, "status", models.STREAMING)
 
 
 def list_conversations(s: Session, owner: str) -> list[Conversation]:

@@ -176,8 +176,7 @@ class Generation:
         conv = msg.conversation
         messages = policy.fit_context(chat.history(s, conv, msg), int(self.cfg["CONTEXT_TOKENS"]))
         self.owner, self.prompt = conv.owner, "".join(m["content"] for m in messages)
-        if msg.status != models.STREAMING:
-            msg.status = models.STREAMING
+        chat.mark_streaming(s, msg)
         # End the read transaction: a generation must not hold one of the pool's few
         # database connections for its whole stream (it capped concurrent generations at
         # the pool size).
