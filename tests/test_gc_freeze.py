@@ -1,6 +1,6 @@
 """A ready web or worker process keeps its startup objects out of the garbage collector's
 full collections: a full collection walking them paused the whole gevent process for
-70-130 ms, most of a burst's time to first token (docs/benchmarks.md)."""
+60-130 ms, the slowest bursts' time to first token (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
