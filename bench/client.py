@@ -158,14 +158,13 @@ async def read_sse(
             now = time.time_ns()
             tally.last_event_ns = max(tally.last_event_ns, now)
             if event == wire.delta:
+                text = orjson.loads(data)[wire.text]
                 if first:
                     tally.ttft_us.append((now - started_ns) // 1000)
                     first = False
-                    text = orjson.loads(data)[wire.text]
-                    if text.split():
-                        tally.model_start_us.append((int(text.split()[0]) - started_ns) // 1000)
-                else:
-                    text = orjson.loads(data)[wire.text]
+                    stamps = text.split()
+                    if stamps:
+                        tally.model_start_us.append((int(stamps[0]) - started_ns) // 1000)
                 record_tokens(text, now, tally)
                 if eid:
                     record_split(text, eid, now, tally)
