@@ -10,6 +10,7 @@ import uuid
 import httpx
 import pytest
 
+from tests.faults import PrivateRedis
 from tests.helpers import read_events, send
 from tests.stack import start_web, start_worker
 from tidechat import policy
@@ -62,8 +63,10 @@ def test_send_regenerate_and_continue_share_one_bucket(make_app, model_server):
     model = model_server.script(chunks=["ok"])
     cid = client.post("/api/conversations").get_json()["id"]
     gid = send_and_cancel(client, cid, model)
-    assert client.post(f"/api/conversations/{cid}/regenerate").status_code == 202
+    regenerated = client.post(f"/api/conversations/{cid}/regenerate")
+    assert regenerated.status_code == 202
     assert gid  # one send and one regenerate spent the bucket
+    cancel(client, regenerated.get_json()["generation"]["id"])
     response = client.post(f"/api/conversations/{cid}/regenerate")
     assert response.status_code == 429 and code_of(response) == "rate_limited"
 
@@ -72,8 +75,75 @@ def send_and_cancel(client, cid: str, model: str) -> str:
     sent = client.post(f"/api/conversations/{cid}/messages", json={"content": "hi", "model": model})
     assert sent.status_code == 202
     gid = sent.get_json()["generation"]["id"]
-    assert client.post(f"/api/generations/{gid}/cancel").status_code == 200
+    cancel(client, gid)
     return gid
+
+
+def cancel(client, gid: str) -> None:
+    assert client.post(f"/api/generations/{gid}/cancel").status_code == 200
+
+
+def test_an_answer_refused_for_any_reason_does_not_use_up_the_rate(make_app, model_server):
+    """Only answers started count: a refusal (here the cap on answers at once) and a
+    client that keeps trying while refused give their count back."""
+    app = make_app(
+        TIDECHAT_RATE_LIMIT_MESSAGES="2/minute", TIDECHAT_MAX_ACTIVE_ANSWERS="1",
+        **no_worker_queue(),
+    )  # fmt: skip
+    client = app.test_client()
+    model = model_server.script(chunks=["ok"])
+    first = post_answer(client, model)
+    assert first.status_code == 202
+    for _ in range(3):
+        refused = post_answer(client, model)
+        assert refused.status_code == 429 and code_of(refused) == "too_many_answers"
+    cancel(client, first.get_json()["generation"]["id"])
+    second = post_answer(client, model)
+    assert second.status_code == 202  # 2 of 2: the refusals took nothing
+    cancel(client, second.get_json()["generation"]["id"])
+    for _ in range(2):
+        refused = post_answer(client, model)
+        assert refused.status_code == 429 and code_of(refused) == "rate_limited"
+    assert refused.headers["X-RateLimit-Limit"] == "2"
+    assert "2 per 1 minute per account" in refused.get_json()["error"]["message"]
+
+
+def test_the_api_door_draws_on_the_same_rate_and_says_so_in_openais_shape(
+    make_app, model_server
+):
+    app = make_app(TIDECHAT_RATE_LIMIT_MESSAGES="1/minute", **no_worker_queue())
+    page = app.test_client()
+    key = page.post("/api/keys", json={"name": "rate"}).get_json()["key"]
+    model = model_server.script(chunks=["ok"])
+    assert post_answer(page, model).status_code == 202
+    refused = page.post(
+        "/v1/responses",
+        json={"model": model, "input": "hi", "background": True},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert refused.status_code == 429
+    error = refused.get_json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limited")
+    assert 0 < int(refused.headers["Retry-After"]) <= 60
+    assert refused.headers["X-RateLimit-Remaining"] == "0"
+
+
+def test_answer_rates_survive_redis_forgetting_its_scripts(make_app, model_server, tmp_path):
+    """The count is one EVALSHA in the admission's pipeline: a restarted Redis (no
+    scripts) gets it loaded again, and the answer is counted once."""
+    server = PrivateRedis(tmp_path).start()
+    try:
+        app = make_app(REDIS_URL=server.url, TIDECHAT_RATE_LIMIT_MESSAGES="2/minute")
+        client = app.test_client()
+        model = model_server.script(chunks=["ok"])
+        first = post_answer(client, model)
+        assert first.status_code == 202
+        cancel(client, first.get_json()["generation"]["id"])
+        server.client().script_flush()
+        assert post_answer(client, model).status_code == 202
+        assert code_of(post_answer(client, model)) == "rate_limited"
+    finally:
+        server.stop()
 
 
 def test_every_write_is_limited_creating_and_renaming_included(make_app):

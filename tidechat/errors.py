@@ -36,6 +36,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.retry_after, self.param = retry_after, param
+        self.headers: dict[str, str] = {}  # more response headers (a rate limit's)
 
 
 def not_found(what: str = "resource") -> ApiError:
@@ -78,6 +79,7 @@ def register(app: Flask) -> None:
         response = jsonify(error_body(exc.code, exc.message))
         if exc.retry_after is not None or exc.status == 503:
             response.headers["Retry-After"] = str(exc.retry_after or RETRY_AFTER_S)
+        response.headers.update(exc.headers)
         return response, exc.status
 
     def _redis_down(exc: Exception):

@@ -1,9 +1,12 @@
 """Abuse and cost limits, per account and per client address: every door calls these.
 
-- **Rates** (Flask-Limiter, counters in Redis): answers started (send, regenerate and
-  continue share one bucket), every other write, sign-up and sign-in attempts. Each counts
-  per account *and* per client address, so dropping the cookie (a new guest per request)
-  does not reset anything.
+- **Rates**, counted in Redis per account *and* per client address, so dropping the cookie
+  (a new guest per request) does not reset anything: every write, and sign-up and sign-in
+  attempts, through Flask-Limiter; answers started (send, regenerate and continue share one
+  bucket) in the admission's own pipeline (:func:`admit`), with the same notation and
+  fixed windows. Flask-Limiter's check is a Redis round trip per limit: four for the
+  answers' two windows per account and address, most of what an answer's POST spent on
+  Redis. Only answers admitted count: one refused for any reason gives its count back.
 - **Admission** of an answer (:func:`admit`): a cap on answers queued or streaming at
   once, per account and per address; a global backlog limit (429 with ``Retry-After`` when
   the queue is too deep); the daily token quota. It also picks the answer's queue priority:
@@ -17,6 +20,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import logging
 import math
 import threading
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import limits as rate_items
 import redis
 from flask import Flask, Response, current_app
 from flask_limiter import Limiter
@@ -85,6 +91,8 @@ def init_app(app: Flask) -> None:
     app.config.setdefault("RATELIMIT_IN_MEMORY_FALLBACK_ENABLED", True)
     app.config.setdefault("RATELIMIT_SWALLOW_ERRORS", True)
     limiter.init_app(app)
+    for name in ("RATE_LIMIT_MESSAGES", "RATE_LIMIT_MESSAGES_IP"):
+        _rates(app.config[name])  # a malformed setting fails here, not on each answer
     app.after_request(_on_refusal)
     app.extensions["stream_slots"] = StreamSlots(
         app.extensions["stream_bus"].redis, app.extensions["redis_keys"]
@@ -140,12 +148,6 @@ def writes(view: Callable) -> Callable:
     return _per_account_and_ip("writes", "RATE_LIMIT_WRITES")(view)
 
 
-def answers(view: Callable) -> Callable:
-    """Starting an answer: send, regenerate and continue draw on one bucket of their own
-    (not on the writes': a chat's messages must not use up its renames and deletes)."""
-    return _per_account_and_ip("answers", "RATE_LIMIT_MESSAGES")(view)
-
-
 auth_attempts = limiter.limit(_setting("RATE_LIMIT_AUTH_IP"), key_func=ip_key, scope="auth")
 
 
@@ -156,36 +158,121 @@ def rejected(code: str, message: str, retry_after: int) -> ApiError:
 # --- admission of an answer -----------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RateWindow:
+    """One of the answers' rate limits for one account or address, and its counter."""
+
+    key: str
+    amount: int
+    seconds: int
+    label: str  # "20 per 1 minute per account"
+
+
+# Adds ARGV[1] to each window's counter (KEYS) and gives a counter without an expiry (a new
+# window) its length (ARGV[2..]); returns each count and its milliseconds to live. One
+# script for all: on a cluster the counters share the app-wide hash tag. A window opens at
+# its first answer (as Flask-Limiter's fixed windows do).
+_COUNT = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local n = redis.call('INCRBY', key, ARGV[1])
+  local ttl = redis.call('PTTL', key)
+  if ttl < 0 then
+    ttl = tonumber(ARGV[i + 1]) * 1000
+    redis.call('PEXPIRE', key, ttl)
+  end
+  out[2 * i - 1], out[2 * i] = n, ttl
+end
+return out
+"""
+_COUNT_SHA = hashlib.sha1(_COUNT.encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=16)
+def _rates(setting: str) -> tuple[rate_items.RateLimitItem, ...]:
+    """A rate setting ("20/minute;500/day", Flask-Limiter's notation) as its windows."""
+    return tuple(rate_items.parse_many(setting)) if setting.strip() else ()
+
+
+def answer_windows(owner: str, address: str) -> list[RateWindow]:
+    """The answers' rate limits, for the account and for the address."""
+    cfg = current_app.config
+    if not cfg.get("RATELIMIT_ENABLED", True):
+        return []
+    keys: RedisKeys = current_app.extensions["redis_keys"]
+    windows = []
+    for who, setting, per in (("acct:" + owner, "RATE_LIMIT_MESSAGES", "account"),
+                              ("ip:" + address, "RATE_LIMIT_MESSAGES_IP", "address")):  # fmt: skip
+        for item in _rates(cfg[setting]):
+            seconds = item.get_expiry()
+            key = keys.rate("answers", who, seconds)
+            windows.append(RateWindow(key, item.amount, seconds, f"{item} per {per}"))
+    return windows
+
+
+def _count(pipe: Any, windows: list[RateWindow], by: int) -> None:
+    """Queue ``by`` answers' count in ``windows`` (a bare EVALSHA: redis-py's Script in a
+    pipeline first asks the server whether it exists, a round trip more)."""
+    if windows:
+        keys, lengths = [w.key for w in windows], [w.seconds for w in windows]
+        pipe.evalsha(_COUNT_SHA, len(keys), *keys, by, *lengths)
+
+
+def _execute(bus: Any, queue: Callable[[Any], None]) -> list:
+    """Run a pipeline of app-wide keys that ``queue`` fills; once more after loading the
+    count's script if the server had lost it (a restart: everything in the pipeline is safe
+    to repeat but the count, which did not run)."""
+    r = bus.app_client()
+    for attempt in (1, 2):
+        try:
+            with r.pipeline(transaction=False) as pipe:
+                queue(pipe)
+                return pipe.execute()
+        except redis.exceptions.NoScriptError:
+            if attempt == 2:
+                raise
+            r.script_load(_COUNT)
+        except redis.RedisError:
+            bus.refresh_nodes()  # on a cluster, the shard may have failed over or moved
+            raise
+    raise AssertionError("unreachable")
+
+
 @dataclass
 class Admission:
-    """An answer's place among its account's and address's active answers."""
+    """An answer's count in its rate windows, and its place among its account's and
+    address's active answers."""
 
     gid: str
     priority: int
     keys: list[str] = field(default_factory=list)
+    windows: list[RateWindow] = field(default_factory=list)
 
     def withdraw(self) -> None:
-        """It was not queued after all (the request failed): free its place."""
-        r = current_app.extensions["stream_bus"].redis
+        """It was not started after all (refused, or the request failed): free its place
+        and give back its count."""
+
+        def queue(pipe: Any) -> None:
+            for key in self.keys:
+                pipe.zrem(key, self.gid)
+            _count(pipe, self.windows, -1)
+
         try:
-            with r.pipeline(transaction=False) as pipe:
-                for key in self.keys:
-                    pipe.zrem(key, self.gid)
-                pipe.execute()
+            _execute(current_app.extensions["stream_bus"], queue)
         except redis.RedisError:
             log.warning("could not withdraw %s from the active answers", self.gid)
 
 
 def admit(gid: str) -> Admission:
-    """Admit a new answer or raise 429: quota, backlog, then the concurrency caps.
+    """Admit a new answer or raise 429: rates, quota, backlog, then the concurrency caps.
 
-    One pipeline asks everything at once (the day's tokens, the queue's depth, and joins
-    every active set, reading its oldest members); a second reads the state of the other
-    answers found there, if any; a third drops those that are over, if any. (Pipelines,
-    not scripts: the keys live in different hash slots of a cluster.)
+    One pipeline asks everything at once (counts the answer in its rate windows, reads the
+    day's tokens and the queue's depth, and joins every active set, reading its oldest
+    members); a second reads the state of the other answers found there, if any; a third
+    drops those that are over, if any. A refused answer gives back everything it took.
     """
     cfg = current_app.config
-    owner = accounts.current_owner()
+    owner, address = accounts.current_owner(), accounts.client_address()
     keys: RedisKeys = current_app.extensions["redis_keys"]
     bus = current_app.extensions["stream_bus"]
     quota, backlog = int(cfg["DAILY_TOKENS"]), int(cfg["MAX_QUEUED"])
@@ -194,12 +281,15 @@ def admit(gid: str) -> Admission:
     caps = [(keys.active("acct:" + owner), account_cap, max(account_cap, PRIORITY_LEVELS - 1))]
     address_cap = int(cfg["MAX_ACTIVE_ANSWERS_IP"])
     if address_cap:
-        caps.append((keys.active("ip:" + accounts.client_address()), address_cap, address_cap))
-    admission = Admission(gid, 0, [key for key, _, _ in caps])
+        caps.append((keys.active("ip:" + address), address_cap, address_cap))
+    windows = answer_windows(owner, address)
+    admission = Admission(gid, 0, [key for key, _, _ in caps], windows)
     now = time.time()
     horizon = float(cfg["QUEUE_TIMEOUT"]) + float(cfg["ANSWER_DEADLINE"])
     queues = queue_names(keys.celery_queue(cfg["CELERY_QUEUE"])) if backlog else []
-    with bus.redis.pipeline(transaction=False) as pipe:
+
+    def queue(pipe: Any) -> None:
+        _count(pipe, windows, 1)
         if quota:
             pipe.get(_day_key(owner))
         for name in queues:
@@ -209,8 +299,11 @@ def admit(gid: str) -> Admission:
             pipe.zremrangebyscore(key, "-inf", now - horizon)  # nothing runs that long
             pipe.expire(key, int(horizon) + 60)
             pipe.zrange(key, 0, need, withscores=True)
-        replies = pipe.execute()
+
+    replies = _execute(bus, queue)
     try:
+        if windows:
+            _refuse_over_rate(windows, replies.pop(0))
         if quota:
             _refuse_over_quota(quota, int(replies.pop(0) or 0))
         if backlog:
@@ -286,6 +379,28 @@ def _join_active(key: str, gid: str, need: int, start: int = 0) -> int:
         active += len(others) - len(over)
         start += len(chunk) - len(over)  # the dropped ones no longer hold a rank
     return min(active, need) + 1
+
+
+def _refuse_over_rate(windows: list[RateWindow], counted: list[int]) -> None:
+    """Refuse an answer past any of its rate limits, until the last of those windows ends.
+    ``counted``: each window's count and milliseconds to live, as the script returns."""
+    over = [(w, ttl) for w, count, ttl in zip(windows, counted[::2], counted[1::2], strict=True)
+            if count > w.amount]  # fmt: skip
+    if not over:
+        return
+    window, ttl_ms = max(over, key=lambda pair: pair[1])
+    retry_after = max(1, math.ceil(ttl_ms / 1000))
+    error = rejected(
+        "rate_limited",
+        f"Too many answers started: at most {window.label}. Try again in {retry_after} s.",
+        retry_after,
+    )
+    error.headers.update({
+        "X-RateLimit-Limit": str(window.amount),
+        "X-RateLimit-Remaining": "0",
+        "X-RateLimit-Reset": str(math.ceil(time.time() + ttl_ms / 1000)),
+    })  # fmt: skip
+    raise error
 
 
 def _is_over(state: str | None, age: float) -> bool:

@@ -22,8 +22,10 @@ Per account or client address ``<who>`` (``acct:<owner>`` or ``ip:<address>``), 
 - ``<p>active:<who>``      sorted set: its answers not yet over (generation ids; an
                            answer leaves it as it ends, or is dropped once found over);
 - ``<p>streams:<who>``     sorted set: its open event streams, scored by when they expire;
-- ``<p>tokens:<owner>:<YYYYMMDD>``  tokens an account used that UTC day.
-Flask-Limiter's rate-limit counters live under ``<p>ratelimit``.
+- ``<p>tokens:<owner>:<YYYYMMDD>``  tokens an account used that UTC day;
+- ``<p>rate:<scope>:<who>:<seconds>``  a rate limit's count in its current window
+                           (``answers``: the answers started; it expires as the window ends).
+Flask-Limiter's rate-limit counters (every other write, sign-ins) live under ``<p>ratelimit``.
 Per web process ``<hub>``:
 - ``<p>hub:<hub>:wake``    a tiny stream the process writes to interrupt its own XREAD.
 Celery's broker keys live under ``<p>celery:`` (kombu's ``global_keyprefix``).
@@ -99,6 +101,9 @@ class RedisKeys:
 
     def tokens(self, owner: str, day: str) -> str:
         return f"{self._app}tokens:{owner}:{day}"
+
+    def rate(self, scope: str, who: str, seconds: int) -> str:
+        return f"{self._app}rate:{scope}:{who}:{seconds}"
 
     def celery_prefix(self) -> str:
         """kombu's ``global_keyprefix``: every broker key starts with it."""

@@ -282,6 +282,14 @@ class StreamBus:
             groups.setdefault(node.name, (node.redis_connection, []))[1].append(i)
         return list(groups.values())
 
+    def app_client(self) -> Any:
+        """A plain client of the server holding the app-wide keys: on a cluster, of the node
+        serving their hash tag (its pipelines may run scripts; a cluster pipeline may not).
+        After it fails, :meth:`refresh_nodes`."""
+        if not self.keys.clustered:
+            return self.redis
+        return self.redis.get_node_from_key(self.keys.metrics()).redis_connection
+
     def refresh_nodes(self) -> None:
         """After a failure on a cluster: learn which node serves which slot again."""
         if self.keys.clustered:

@@ -121,7 +121,6 @@ def list_models():
 
 
 @bp.post("/conversations/<cid>/messages")
-@limits.answers
 def post_message(cid: str):
     body = json_body()
     content, model, stream = parse_message(body)
@@ -140,7 +139,6 @@ def post_message(cid: str):
 
 
 @bp.post("/conversations/<cid>/regenerate")
-@limits.answers
 def regenerate(cid: str):
     """Answer the last user message again, replacing the last answer."""
     body = json_body() if request.content_length else {}
@@ -208,7 +206,6 @@ def cancel_generation(gid: str):
 
 
 @bp.post("/generations/<gid>/continue")
-@limits.answers
 def continue_generation(gid: str):
     """Go on with an answer a deploy interrupted, in the same message: a new generation
     whose stream starts with the text so far."""

@@ -56,7 +56,9 @@ def _error(
 @bp.errorhandler(ApiError)
 def _api_error(exc: ApiError):
     retry = exc.retry_after if exc.retry_after is not None else (5 if exc.status == 503 else None)
-    return _error(exc.status, exc.code, exc.message, exc.param, retry)
+    response = _error(exc.status, exc.code, exc.message, exc.param, retry)
+    response.headers.update(exc.headers)
+    return response
 
 
 @bp.errorhandler(HTTPException)
@@ -97,7 +99,6 @@ def list_models():
 
 
 @bp.post("/chat/completions")
-@limits.answers
 def chat_completions():
     body = json_body()
     model = _model(body)
@@ -134,7 +135,6 @@ def chat_completions():
 
 
 @bp.post("/responses")
-@limits.answers
 def create_response():
     body = json_body()
     model = _model(body)
