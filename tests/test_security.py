@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import stat
 import sys
+import time
 
 import pytest
+from itsdangerous import TimestampSigner
 
 from tests.helpers import new_conversation, read_events, start
 from tidechat import config, security
@@ -220,10 +222,10 @@ def test_forwarded_https_is_ignored_without_trusted_proxies(client):
 
 
 def test_behind_a_trusted_proxy_https_gives_secure_cookie_and_hsts(make_app):
-    client = make_app(TIDECHAT_TRUSTED_PROXIES="1").test_client()
-    for response in (
-        client.get("/", headers=HEROKU_HTTPS),
-        client.post("/api/conversations", headers=HEROKU_HTTPS),
+    app = make_app(TIDECHAT_TRUSTED_PROXIES="1")
+    for response in (  # each a new visitor: a cookie is set
+        app.test_client().get("/", headers=HEROKU_HTTPS),
+        app.test_client().post("/api/conversations", headers=HEROKU_HTTPS),
     ):
         assert response.status_code in (200, 201)
         cookie = session_cookie(response)
@@ -241,6 +243,24 @@ def test_direct_https_gives_secure_cookie_and_hsts(app):
     response = app.test_client().post("/api/conversations", base_url="https://localhost")
     assert "; Secure" in session_cookie(response)
     assert response.headers["Strict-Transport-Security"] == HSTS
+
+
+def test_a_session_cookie_is_signed_again_once_a_day_not_on_every_response(client, monkeypatch):
+    """A guest's cookie lives ``PERMANENT_SESSION_LIFETIME`` from its last signing; signing
+    it on every response cost a fifth of a POST. A day's precision is enough to keep it
+    alive while it is used, and a change to the session is always sent at once."""
+    assert session_cookie(client.post("/api/conversations"))  # a new guest: signed
+    assert "Set-Cookie" not in client.post("/api/conversations").headers  # fresh: as it is
+    day_ago = time.time() - security.SESSION_REFRESH_AFTER.total_seconds() - 60
+    with monkeypatch.context() as m:  # the cookie as if it were signed a day ago
+        m.setattr(TimestampSigner, "get_timestamp", lambda self: int(day_ago))
+        serializer = client.application.session_interface.get_signing_serializer(client.application)
+        old = serializer.loads(client.get_cookie("session").value)
+        client.set_cookie("session", serializer.dumps(old))
+    refreshed = client.post("/api/conversations")
+    assert refreshed.status_code == 201 and session_cookie(refreshed)
+    assert "Set-Cookie" not in client.post("/api/conversations").headers
+    assert client.get("/api/conversations").get_json()["conversations"]  # the same guest
 
 
 def test_proxy_fix_trusts_only_the_configured_hops(make_app):
