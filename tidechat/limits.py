@@ -3,7 +3,7 @@
 - **Rates**, counted in Redis per account *and* per client address, so dropping the cookie
   (a new guest per request) does not reset anything: every write, and sign-up and sign-in
   attempts, through Flask-Limiter; answers started (send, regenerate and continue share one
-  bucket) in the admission's own pipeline (:func:`admit`), with the same notation and
+  bucket) in the admission's own script call (:func:`admit`), with the same notation and
   fixed windows. Flask-Limiter's check is a Redis round trip per limit: four for the
   answers' two windows per account and address, most of what an answer's POST spent on
   Redis. Only answers admitted count: one refused for any reason gives its count back.
@@ -291,8 +291,8 @@ def admit(gid: str) -> Admission:
 
     One script call does everything at once (counts the answer in its rate windows, reads
     the day's tokens and the queue's depth, and joins every active set, reading its oldest
-    members): one round trip, and a fifth of the client CPU of the same commands in a
-    pipeline. A second round trip reads the state of the other answers found there, if
+    members): one round trip, and less than half the client CPU of the same commands in
+    a pipeline. A second round trip reads the state of the other answers found there, if
     any; a third drops those that are over, if any. A refused answer gives back everything
     it took.
     """
