@@ -73,6 +73,26 @@ def test_a_reaped_generation_is_not_taken_back(bus):
     assert bus.append(gid, fence, 1, delta("late")) == STOPPED
 
 
+def test_a_worker_renews_hundreds_of_leases_each_with_its_own_answer(bus):
+    """One renewal covers every lease the worker holds, a script call per hash slot and
+    chunk (on a cluster, tests/test_cluster.py's workers renew theirs across buckets): each
+    lease still gets its own verdict, in its place, whatever its neighbours' are."""
+    held = [running(bus) for _ in range(450)]  # more than two chunks
+    lost, reaped, gone, cancelled = held[7], held[210], held[333], held[449]
+    bus.redis.delete(bus.k(lost[0]).lease)  # expired while the worker was cut off
+    bus.redis.delete(bus.k(reaped[0]).lease)
+    assert bus.reap(reaped[0], {"code": "worker_lost", "message": "gone"})
+    k = bus.k(gone[0])
+    bus.redis.delete(k.meta, k.lease)  # Redis lost its state
+    bus.request_cancel(cancelled[0])
+    verdicts = {held[i][0]: v for i, v in enumerate(bus.renew_and_check(held, 5000))}
+    expected = {gid: (1, False) for gid, _ in held}
+    expected.update({reaped[0]: (0, False), gone[0]: (-1, False), cancelled[0]: (1, True)})
+    assert verdicts == expected
+    assert bus.redis.get(bus.k(lost[0]).lease) == str(lost[1]).encode()  # taken back
+    assert 4000 < bus.redis.pttl(bus.k(held[100][0]).lease) <= 5000  # renewed
+
+
 def test_when_redis_lost_the_state_writers_hear_gone_and_a_fresh_end_is_written(bus):
     gid, fence = running(bus)
     bus.append(gid, fence, 1, delta("partial"))

@@ -156,22 +156,38 @@ return 1
 # held: 1 renewed, or taken again after Redis lost the key (an outage, a restart from
 # disk) while the generation is still this fence's; 0 no longer this worker's; -1 Redis
 # has lost the generation's state altogether.
+# Renews the leases of several generations of one hash slot. KEYS: per generation its meta,
+# lease and cancel keys; ARGV: the lease's ms, then each generation's fence. Returns per
+# generation: held (1; 0: not ours any more; -1: Redis lost its state), then the cancel flag.
 _RENEW = (
     _ALLOW_OOM
     + """
-local cancel = redis.call('EXISTS', KEYS[3])
-local holder = redis.call('GET', KEYS[2])
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-  return {1, cancel}
+local out = {}
+for i = 1, #KEYS / 3 do
+  local meta, lease, fence = KEYS[3 * i - 2], KEYS[3 * i - 1], ARGV[i + 1]
+  local cancel = redis.call('EXISTS', KEYS[3 * i])
+  local holder = redis.call('GET', lease)
+  local held = 1
+  if holder == fence then
+    redis.call('PEXPIRE', lease, ARGV[1])
+  else
+    local state = redis.call('HMGET', meta, 'state', 'fence')
+    if not state[1] then
+      held = -1
+    elseif holder or state[1] ~= 'running' or state[2] ~= fence then
+      held = 0
+    else
+      redis.call('SET', lease, fence, 'PX', ARGV[1])
+    end
+  end
+  out[2 * i - 1], out[2 * i] = held, cancel
 end
-local meta = redis.call('HMGET', KEYS[1], 'state', 'fence')
-if not meta[1] then return {-1, cancel} end
-if holder or meta[1] ~= 'running' or meta[2] ~= ARGV[1] then return {0, cancel} end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-return {1, cancel}
+return out
 """
 )
+# Leases renewed per script call: one call per slot and chunk (Redis runs nothing else while
+# a script runs; this many take it well under a millisecond).
+_RENEW_CHUNK = 200
 
 
 def dumps(payload: Any) -> str:
@@ -409,8 +425,9 @@ class StreamBus:
 
     # -- lease and cancel ------------------------------------------------------------
     def renew_and_check(self, held: list[tuple[str, int]], lease_ms: int) -> list[tuple[int, bool]]:
-        """Renew these (generation, fence) leases in one round trip, taking back any that
-        Redis lost while the generation is still ours.
+        """Renew these (generation, fence) leases in one round trip per server (a script
+        call per hash slot and ``_RENEW_CHUNK`` of them, not one per generation), taking
+        back any that Redis lost while the generation is still ours.
 
         Returns (1 held / 0 not ours any more / -1 state lost, cancel requested) for each.
         """
@@ -418,27 +435,43 @@ class StreamBus:
         groups = self.by_node([gid for gid, _ in held])
         failed: list[redis.RedisError] = []
         for client, indexes in groups:
+            calls = self._renew_calls(held, indexes)
             try:
                 with client.pipeline(transaction=False) as pipe:
-                    for i in indexes:
-                        gid, fence = held[i]
-                        k = self.k(gid)
-                        self._renew(
-                            keys=[k.meta, k.lease, k.cancel], args=[fence, lease_ms], client=pipe
-                        )
+                    for call in calls:
+                        keys = [key for i in call for key in self._lease_keys(held[i][0])]
+                        args = [lease_ms, *(held[i][1] for i in call)]
+                        self._renew(keys=keys, args=args, client=pipe)
                     replies = pipe.execute()
             except redis.RedisError as exc:
                 # A cluster shard out of reach: its generations' writes fail too (and end
                 # them); the others' leases must not lapse meanwhile.
                 failed.append(exc)
                 continue
-            for i, (held_, cancel) in zip(indexes, replies, strict=True):
-                out[i] = (int(held_), bool(cancel))
+            for call, reply in zip(calls, replies, strict=True):
+                for j, i in enumerate(call):
+                    out[i] = (int(reply[2 * j]), bool(reply[2 * j + 1]))
         if failed:
             self.refresh_nodes()
             if len(failed) == len(groups):
                 raise failed[0]
         return out
+
+    def _renew_calls(self, held: list[tuple[str, int]], indexes: list[int]) -> list[list[int]]:
+        """``indexes`` split into script calls: one hash slot each (a bucket on a cluster),
+        at most ``_RENEW_CHUNK`` generations."""
+        by_bucket: dict[int, list[int]] = {}
+        for i in indexes:
+            by_bucket.setdefault(self.keys.bucket(held[i][0]), []).append(i)
+        return [
+            group[start : start + _RENEW_CHUNK]
+            for group in by_bucket.values()
+            for start in range(0, len(group), _RENEW_CHUNK)
+        ]
+
+    def _lease_keys(self, gid: str) -> tuple[str, str, str]:
+        k = self.k(gid)
+        return k.meta, k.lease, k.cancel
 
     def request_cancel(self, gid: str) -> None:
         """Set the cancel flag, and tell the worker running it at once."""
