@@ -4,9 +4,9 @@ A worker holds a lease (a Redis key with a TTL) on each generation it runs; read
 generation whose lease stays gone with ``worker_lost``. A lease that Redis lost while the
 worker was cut off (an outage, a restart from disk) is taken back at the next renewal, as
 long as the generation is still this worker's (its fence). One keeper per process renews all its
-leases in a single pipelined round trip per ``LEASE_RENEW``, and hears cancels at once on a
-pub/sub channel. The cancel flag itself is re-read at each renewal, so a missed message
-costs at most one interval. Per generation that is one command a second, not a poll loop.
+leases in a single pipelined round trip per ``LEASE_RENEW`` (a script call per hash slot and
+200 leases), and hears cancels at once on a pub/sub channel. The cancel flag itself is
+re-read at each renewal, so a missed message costs at most one interval: no poll loop.
 """
 
 from __future__ import annotations
