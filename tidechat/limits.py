@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import math
 import threading
@@ -94,6 +93,10 @@ def init_app(app: Flask) -> None:
     for name in ("RATE_LIMIT_MESSAGES", "RATE_LIMIT_MESSAGES_IP"):
         _rates(app.config[name])  # a malformed setting fails here, not on each answer
     app.after_request(_on_refusal)
+    bus_redis = app.extensions["stream_bus"].redis
+    app.extensions["admission_scripts"] = {
+        source: bus_redis.register_script(source) for source in (_ADMIT, _WITHDRAW)
+    }
     app.extensions["stream_slots"] = StreamSlots(
         app.extensions["stream_bus"].redis, app.extensions["redis_keys"]
     )
@@ -126,10 +129,17 @@ def _explain_refusal(response: Response) -> None:
         log.info("could not read the window of %s", limit.limit, exc_info=True)
         reset, remaining = time.time() + limit.limit.get_expiry(), 0
     now = time.time()  # after the read: its reset is "now" plus a whole number of seconds
-    response.headers["X-RateLimit-Limit"] = str(limit.limit.amount)
-    response.headers["X-RateLimit-Remaining"] = str(remaining)
-    response.headers["X-RateLimit-Reset"] = str(math.ceil(reset))
+    response.headers.update(_rate_headers(limit.limit.amount, remaining, reset))
     response.headers.setdefault("Retry-After", str(max(1, math.ceil(reset - now))))
+
+
+def _rate_headers(amount: int, remaining: int, reset: float) -> dict[str, str]:
+    """A rate limit's refusal headers, but ``Retry-After`` (``reset``: epoch seconds)."""
+    return {
+        "X-RateLimit-Limit": str(amount),
+        "X-RateLimit-Remaining": str(remaining),
+        "X-RateLimit-Reset": str(math.ceil(reset)),
+    }
 
 
 def _setting(name: str) -> Callable[[], str]:
@@ -225,7 +235,6 @@ for i = nr + 1, #KEYS do redis.call('ZREM', KEYS[i], gid) end
 return 0
 """
 )
-_SHA = {source: hashlib.sha1(source.encode()).hexdigest() for source in (_ADMIT, _WITHDRAW)}
 
 
 @functools.lru_cache(maxsize=16)
@@ -251,15 +260,11 @@ def answer_windows(owner: str, address: str) -> list[RateWindow]:
 
 
 def _run(bus: Any, source: str, keys: list[str], args: list[Any]) -> Any:
-    """One of admission's scripts, on the server of the app-wide keys (loaded first if the
-    server lost it: a restart)."""
-    r = bus.app_client()
+    """One of admission's scripts, on the server of the app-wide keys (redis-py's Script
+    loads it again if the server lost it: a restart)."""
+    script = current_app.extensions["admission_scripts"][source]
     try:
-        try:
-            return r.evalsha(_SHA[source], len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            r.script_load(source)
-            return r.evalsha(_SHA[source], len(keys), *keys, *args)
+        return script(keys=keys, args=args, client=bus.app_client())
     except redis.RedisError:
         bus.refresh_nodes()  # on a cluster, the shard may have failed over or moved
         raise
@@ -412,11 +417,7 @@ def _refuse_over_rate(windows: list[RateWindow], counted: list[int]) -> None:
         f"Too many answers started: at most {window.label}. Try again in {retry_after} s.",
         retry_after,
     )
-    error.headers.update({
-        "X-RateLimit-Limit": str(window.amount),
-        "X-RateLimit-Remaining": "0",
-        "X-RateLimit-Reset": str(math.ceil(time.time() + ttl_ms / 1000)),
-    })  # fmt: skip
+    error.headers.update(_rate_headers(window.amount, 0, time.time() + ttl_ms / 1000))
     raise error
 
 

@@ -152,13 +152,11 @@ return 1
 """
 )
 
-# KEYS: meta, lease, cancel | ARGV: fence, lease_ms -> {held, cancel requested}
-# held: 1 renewed, or taken again after Redis lost the key (an outage, a restart from
-# disk) while the generation is still this fence's; 0 no longer this worker's; -1 Redis
-# has lost the generation's state altogether.
 # Renews the leases of several generations of one hash slot. KEYS: per generation its meta,
 # lease and cancel keys; ARGV: the lease's ms, then each generation's fence. Returns per
-# generation: held (1; 0: not ours any more; -1: Redis lost its state), then the cancel flag.
+# generation: held, then whether a cancel was requested. held: 1 renewed, or taken again
+# after Redis lost the key (an outage, a restart from disk) while the generation is still
+# this fence's; 0 no longer this worker's; -1 Redis has lost the generation's state.
 _RENEW = (
     _ALLOW_OOM
     + """
