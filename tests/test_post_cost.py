@@ -88,6 +88,8 @@ def test_a_send_costs_the_same_in_a_long_conversation(app, client):
         costs[cid] = counts
     assert costs[short] == costs[long]
     assert costs[long]["messages_loaded"] == 0  # no message row is loaded to start a turn
+    # the conversation with what the turn needs to know of it, the two messages, its time
+    assert costs[long]["statements"] == 4
 
     # both stored, in order, after the earlier messages
     with db.session_scope(app) as s:

@@ -203,8 +203,8 @@ class TurnFacts(NamedTuple):
     later: bool  # whether it has messages after ``after`` (see turn_facts)
 
 
-def _turn_facts_statement() -> Select:
-    # Built once: building (and caching) a statement costs more than running it.
+def _turn_facts_columns() -> tuple[Any, Any, Any]:
+    """TurnFacts' three indexed subqueries, for the conversation ``:cid`` (and ``:after``)."""
     m, cid = Message.__table__.c, bindparam("cid")
     unfinished = or_(*(m.status == status for status in models.UNFINISHED_STATUSES))
     pending = (
@@ -216,10 +216,15 @@ def _turn_facts_statement() -> Select:
     )
     has_user = exists().where(m.conversation_id == cid, m.role == "user")
     later = exists().where(m.conversation_id == cid, m.seq > bindparam("after"))
-    return select(pending, has_user, later)
+    return pending, has_user, later
 
 
-_TURN_FACTS = _turn_facts_statement()
+# Built once: building (and caching) a statement costs more than running it.
+_TURN_FACTS = select(*_turn_facts_columns())
+# The conversation and its facts in one statement (see owned_turn).
+_OWNED_TURN = select(Conversation, *_turn_facts_columns()[:2]).where(
+    Conversation.id == bindparam("cid"), Conversation.owner == bindparam("owner")
+)
 
 
 def _flush_pending(s: Session) -> None:
@@ -241,6 +246,19 @@ def turn_facts(s: Session, conv: Conversation, after: int | None = None) -> Turn
     params = {"cid": conv.id, "after": -1 if after is None else after}
     seq, user, more = s.connection().execute(_TURN_FACTS, params).one()
     return TurnFacts(None if seq is None else s.get(Message, seq), bool(user), bool(more))
+
+
+def owned_turn(s: Session, owner: str, cid: str) -> tuple[Conversation, TurnFacts]:
+    """:func:`owned_conversation` with its :class:`TurnFacts` (but ``later``), in one
+    query where starting a turn asked two."""
+    if not hygiene.is_id(cid):
+        raise not_found("conversation")
+    _flush_pending(s)
+    row = s.execute(_OWNED_TURN, {"cid": cid, "owner": owner}).one_or_none()
+    if row is None:
+        raise not_found("conversation")
+    conv, seq, user = row
+    return conv, TurnFacts(None if seq is None else s.get(Message, seq), bool(user), False)
 
 
 def pending_answer(s: Session, conv: Conversation) -> Message | None:

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from flask import Flask, Request, Response, has_request_context, jsonify, redirect, request
 from flask.sessions import SecureCookieSession, SecureCookieSessionInterface, SessionMixin
-from itsdangerous import BadSignature
+from itsdangerous import BadSignature, URLSafeTimedSerializer
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from tidechat.errors import error_body
@@ -63,6 +63,17 @@ class SessionInterface(SecureCookieSessionInterface):
     ``SESSION_COOKIE_SECURE`` is one value for the whole app; this decides per request
     (from ``request.is_secure``, after ProxyFix), without changing shared config.
     """
+
+    def __init__(self) -> None:
+        self._serializer: tuple[tuple[Any, ...], URLSafeTimedSerializer | None] | None = None
+
+    def get_signing_serializer(self, app: Flask) -> URLSafeTimedSerializer | None:
+        # Flask builds a new one per request; it holds no state of a request,
+        # so one per set of keys serves them all.
+        keys = (app.secret_key, *(app.config["SECRET_KEY_FALLBACKS"] or ()))
+        if self._serializer is None or self._serializer[0] != keys:
+            self._serializer = (keys, super().get_signing_serializer(app))
+        return self._serializer[1]
 
     def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
         # Flask's own, and it keeps when the cookie was signed.

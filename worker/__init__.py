@@ -70,8 +70,9 @@ class GenerationQueue:
     def message(self, gid: str, priority: int) -> str:
         task_id = str(uuid.uuid4())
         headers, properties, body, _ = self._app.amqp.create_task_message(
-            task_id, GENERATE_TASK, [gid], {}, reply_to=self._app.thread_oid, ignore_result=None
-        )
+            task_id, GENERATE_TASK, [gid], {}, reply_to=self._app.thread_oid, ignore_result=None,
+            argsrepr=repr([gid]), kwargsrepr="{}",  # (what saferepr would give, for less)
+        )  # fmt: skip
         before_task_publish.send(
             sender=GENERATE_TASK, body=body, exchange="", routing_key=self._queue,
             headers=headers, properties=properties, declare=[], retry_policy=None,

@@ -125,8 +125,8 @@ def post_message(cid: str):
     body = json_body()
     content, model, stream = parse_message(body)
     s = db.session()
-    conv = chat.owned_conversation(s, current_owner(), cid)
-    facts = answers.ensure_idle(s, conv)
+    conv, facts = chat.owned_turn(s, current_owner(), cid)
+    answers.ensure_idle(s, conv, facts)
     model = resolve_model(conv, model)
     turn: list[models.Message] = []
 
@@ -144,8 +144,8 @@ def regenerate(cid: str):
     body = json_body() if request.content_length else {}
     model = parse_model(body)
     s = db.session()
-    conv = chat.owned_conversation(s, current_owner(), cid)
-    answers.ensure_idle(s, conv)
+    conv, facts = chat.owned_turn(s, current_owner(), cid)
+    answers.ensure_idle(s, conv, facts)
     user = chat.last_user_message(conv)
     if user is None:
         raise ApiError(400, "nothing_to_regenerate", "There is no message to answer again.")
