@@ -55,13 +55,13 @@ def create_app() -> Flask:
     def stream() -> Response:
         model = str((request.get_json(silent=True) or {}).get("model", ""))
         return Response(
-            relay(clients.pick(), model), mimetype="text/event-stream", direct_passthrough=True
+            relay(clients, model), mimetype="text/event-stream", direct_passthrough=True
         )
 
     return app
 
 
-def relay(client: openai.OpenAI, model: str) -> Iterator[bytes]:
+def relay(clients: model_client.ClientShards, model: str) -> Iterator[bytes]:
     """SSE bytes: the headers go out at once, then one event per model delta.
 
     The model is read exactly as Tidechat's worker reads it (``worker.model_client``), so
@@ -69,7 +69,8 @@ def relay(client: openai.OpenAI, model: str) -> Iterator[bytes]:
     yield RETRY
     messages = [{"role": "user", "content": "Hi"}]
     finish = None
-    with model_client.open_stream(client, model_client.Request(model, messages)) as upstream:
+    request = model_client.Request(model, messages)
+    with clients.lend() as client, model_client.open_stream(client, request) as upstream:
         for event in model_client.events(upstream):
             if isinstance(event, model_client.TextDelta):
                 data = dumps({"text": event.text})

@@ -42,6 +42,8 @@ class Script:
     cut: bool = False  # after the chunks, drop the connection mid-body
     hang: float = 0.0  # after the chunks, stay silent this long before finishing
     keepalive: float = 0.0  # while hanging, send an SSE ": keep-alive" comment this often
+    reuse: bool = False  # keep the connection open for the client's next request
+    linger: float = 0.0  # after "data: [DONE]", this long before the body ends
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Record:
     started: float
     hung_up: float | None = None  # when the client closed the connection on us
     chunks_sent: int = 0
+    client_port: int = 0  # the client's end of the connection it came on
 
 
 class _Hangup(Exception):
@@ -169,7 +172,7 @@ class _Handler(BaseHTTPRequestHandler):
         model = body.get("model", "")
         with server._lock:
             script = server.scripts.get(model)
-            record = Record(body=body, started=time.monotonic())
+            record = Record(body=body, started=time.monotonic(), client_port=self.client_address[1])
             server.records.setdefault(model, []).append(record)
             attempt = len(server.records[model])
         if script is None:
@@ -189,14 +192,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._stream(script, record, model, self.path.rstrip("/") == "/v1/completions")
         except (_Hangup, BrokenPipeError, ConnectionResetError):
             record.hung_up = record.hung_up or time.monotonic()
-        self.close_connection = True
+            self.close_connection = True
+            return
+        self.close_connection = not script.reuse
 
     # -- streaming ------------------------------------------------------------------
     def _stream(self, script: Script, record: Record, model: str, raw: bool) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("Connection", "close")
+        if not script.reuse:
+            self.send_header("Connection", "close")
         self.end_headers()
         fmt = (CompletionFormat if raw else ChunkFormat)(model, f"cmpl-{uuid.uuid4().hex[:20]}")
         self._wait(script.first_delay, record)
@@ -221,6 +227,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_raw(fmt.usage_chunk(script.usage))
         if script.finish_reason is not None:
             self._send_raw(b"data: [DONE]\n\n")
+        self._wait(script.linger, record)
         self._end_body()
 
     def _hang(self, script: Script, record: Record) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.helpers import kinds, new_conversation, read_events, send, start, text
@@ -153,3 +155,33 @@ def test_a_burst_of_tiny_chunks_arrives_exactly(http, model_server):
     assert text(events) == "".join(chunks)
     stored = http.get(f"/api/conversations/{cid}").json()["messages"][-1]["content"]
     assert stored == "".join(chunks)
+
+
+def test_answers_one_after_another_share_one_connection_to_the_model(http, model_server):
+    """A model server that keeps its connections (every real one does) is not asked to open
+    one per answer: after "[DONE]" the worker reads the body's end, so the connection goes
+    back to its pool, and the next answer takes it (no new TCP or TLS handshake)."""
+    model = model_server.script(chunks=["Same ", "line."], reuse=True)
+    cid = new_conversation(http)
+    for question in ("one", "two", "three"):
+        events = read_events(http, send(http, cid, question, model)["events_url"])
+        assert kinds(events) == ["delta", "done"] and text(events) == "Same line."
+    records = model_server.requests_for(model)
+    assert len(records) == 3
+    assert len({r.client_port for r in records}) == 1, "each answer opened a new connection"
+
+
+def test_a_model_server_slow_to_end_its_body_after_done_does_not_hold_the_answer(
+    http, model_server
+):
+    """The read of the body's end after "[DONE]" is bounded (0.1 s): a server that keeps
+    the body open for seconds after it costs the answer nothing, and the next one works."""
+    model = model_server.script(chunks=["Done ", "already."], reuse=True, linger=8.0)
+    cid = new_conversation(http)
+    started = time.monotonic()
+    events = read_events(http, send(http, cid, "first", model)["events_url"])
+    assert kinds(events) == ["delta", "done"] and text(events) == "Done already."
+    assert time.monotonic() - started < 4.0  # not the server's 8 s
+    assert model_server.requests_for(model)[0].hung_up is not None  # the worker gave up on it
+    events = read_events(http, send(http, cid, "second", model)["events_url"])
+    assert text(events) == "Done already."

@@ -6,14 +6,18 @@ become ``UpstreamError`` with a stable code the page can show and tests can asse
 
 from __future__ import annotations
 
-import itertools
+import contextlib
+import logging
 import ssl
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import gevent
 import httpx2
 import openai
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,14 +66,17 @@ POOLS = 16  # connection pools per process (ClientShards)
 
 
 class ClientShards:
-    """Several SDK clients, each with its own connection pool, taken in turn.
+    """Several SDK clients, each with its own connection pool; each stream borrows the
+    least busy (the first of them on a tie).
 
     The SDK's HTTP pool scans every connection it holds each time a request starts and
     each time a response closes, so one pool carrying 1000 streams pays 1000 steps twice
     per answer: 6.7 % of a worker's CPU at 1000 concurrent answers (py-spy), the largest
     single cost of opening a model stream. Sixteen pools keep each scan a sixteenth as
-    long; any client serves any request. They share one TLS context: loading the CA bundle
-    is most of a client's cost (30 ms of CPU each).
+    long; any client serves any request. Taking the least busy, not each in turn, keeps a
+    quiet process on its first pools, whose idle connections then serve the next answers
+    (in turn, sixteen pools each saw an answer too seldom to keep one open). They share one
+    TLS context: loading the CA bundle is most of a client's cost (30 ms of CPU each).
     """
 
     def __init__(
@@ -77,10 +84,17 @@ class ClientShards:
     ) -> None:
         verify = httpx2.create_ssl_context()  # (the HTTP library of this openai SDK)
         self.clients = [make(verify) for _ in range(max(1, pools))]
-        self._turn = itertools.count()
+        self.busy = [0] * len(self.clients)  # streams each client carries now
 
-    def pick(self) -> openai.OpenAI:
-        return self.clients[next(self._turn) % len(self.clients)]
+    @contextlib.contextmanager
+    def lend(self) -> Iterator[openai.OpenAI]:
+        """The least busy client, for the duration of one stream."""
+        i = self.busy.index(min(self.busy))
+        self.busy[i] += 1
+        try:
+            yield self.clients[i]
+        finally:
+            self.busy[i] -= 1
 
 
 # How a partial answer is continued, where a backend can (a deploy handed the answer on):
@@ -105,6 +119,42 @@ class Request:
     continuation: str = "none"
 
 
+# This SDK's (sync) stream closes its response on reading "[DONE]", before the chunked
+# body's end has been read: the connection is then dropped instead of pooled, so every
+# answer opened a new one (a TCP, and to a remote server a TLS, handshake; with gevent, a
+# getaddrinfo in a thread too). Its async stream first reads what is left, for 0.1 s at
+# most (openai-python#3440); this stream does the same.
+DRAIN_SECONDS = 0.1
+
+
+class PooledStream(openai.Stream[object]):
+    """The SDK's stream, which leaves its connection to the pool at the end."""
+
+    def _iter_events(self) -> Iterator[Any]:
+        for sse in super()._iter_events():
+            if sse.data.startswith("[DONE]"):
+                drain(self.response)
+            yield sse
+
+
+def drain(response: httpx2.Response) -> None:
+    """Read the rest of an HTTP/1.1 response (the end of its body), for ``DRAIN_SECONDS``
+    at most: then its connection can serve another request. Never raises: the answer is
+    complete, and a failure here costs only a pooled connection."""
+    if response.is_closed or response.http_version != "HTTP/1.1":
+        return  # (HTTP/2 can close one stream and keep its connection)
+    timer = gevent.Timeout(DRAIN_SECONDS)
+    try:
+        with timer:
+            for _ in response.stream:  # type: ignore[union-attr]
+                pass
+    except gevent.Timeout as exc:
+        if exc is not timer:  # someone else's (a task's time limit): not ours to stop
+            raise
+    except Exception:  # noqa: BLE001
+        log.debug("the model response's end could not be read", exc_info=True)
+
+
 def open_stream(
     client: openai.OpenAI, req: Request, backend: str = ""
 ) -> openai.Stream[object]:
@@ -119,7 +169,7 @@ def open_stream(
     path, body = request_body(req)
     try:
         return client.post(
-            path, body=body, cast_to=object, stream=True, stream_cls=openai.Stream[object]
+            path, body=body, cast_to=object, stream=True, stream_cls=PooledStream
         )
     except Exception as exc:
         raise classify(exc, backend=backend) from exc

@@ -200,9 +200,10 @@ class Generation:
         usage: dict | None = None
         error: UpstreamError | None = None
         try:
-            with model_client.open_stream(
-                self.runtime.clients.pick(), request, self.cfg["BACKEND_LABEL"]
-            ) as stream:
+            with (
+                self.runtime.clients.lend() as client,
+                model_client.open_stream(client, request, self.cfg["BACKEND_LABEL"]) as stream,
+            ):
                 lease.attach(stream)
                 for event in model_client.events(stream):
                     if lease.interrupted:
