@@ -182,6 +182,6 @@ def test_a_model_server_slow_to_end_its_body_after_done_does_not_hold_the_answer
     events = read_events(http, send(http, cid, "first", model)["events_url"])
     assert kinds(events) == ["delta", "done"] and text(events) == "Done already."
     assert time.monotonic() - started < 4.0  # not the server's 8 s
-    assert model_server.requests_for(model)[0].hung_up is not None  # the worker gave up on it
+    assert model_server.wait_for_hangup(model, timeout=5) is not None  # the worker gave up on it
     events = read_events(http, send(http, cid, "second", model)["events_url"])
     assert text(events) == "Done already."
