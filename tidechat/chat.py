@@ -81,23 +81,26 @@ def owned_conversation(s: Session, owner: str, cid: str) -> Conversation:
     return conv
 
 
+# Built once, like the other statements of an answer's start and end below: building an
+# ORM statement (and its cache key) on each call cost more than running it.
+_OWNED_GENERATION = (
+    select(Message)
+    .join(Conversation)
+    .options(contains_eager(Message.conversation))
+    .where(Message.generation_id == bindparam("gid"), Conversation.owner == bindparam("owner"))
+)
+
+
 def owned_generation(s: Session, owner: str, gid: str) -> Message:
     """The message of generation ``gid`` of ``owner``, with its conversation (one query)."""
     if not hygiene.is_id(gid):
         raise not_found("generation")
-    msg = s.scalar(
-        select(Message)
-        .join(Conversation)
-        .options(contains_eager(Message.conversation))
-        .where(Message.generation_id == gid, Conversation.owner == owner)
-    )
+    msg = s.scalar(_OWNED_GENERATION, {"gid": gid, "owner": owner})
     if msg is None:
         raise not_found("generation")
     return msg
 
 
-# Built once, like the other statements of an answer's start and end below: building an
-# ORM statement (and its cache key) on each call cost more than running it.
 _GENERATION_MESSAGE = (
     select(Message)
     .options(joinedload(Message.conversation, innerjoin=True))
