@@ -26,9 +26,9 @@ from typing import Any
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from flask import Flask, current_app, g, request, session
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from tidechat import db, health
 from tidechat.errors import ApiError
@@ -100,16 +100,27 @@ def client_address() -> str:
     return request.remote_addr or "unknown"
 
 
+# Built once (building an ORM statement on each request cost more than running it), with
+# the user in the same query: every request of a signed-in user, and every /v1 request,
+# looks its session or key up.
+_SESSION_BY_HASH = (
+    select(AuthSession)
+    .options(joinedload(AuthSession.user, innerjoin=True))
+    .where(AuthSession.token_hash == bindparam("hash"), AuthSession.revoked_at.is_(None))
+)
+_KEY_BY_HASH = (
+    select(ApiKey)
+    .options(joinedload(ApiKey.user))
+    .where(ApiKey.key_hash == bindparam("hash"), ApiKey.revoked_at.is_(None))
+)
+
+
 def _user_of_session() -> User | None:
     token = session.get("sid")
     if not isinstance(token, str):
         return None
     s = db.session()
-    row = s.scalar(
-        select(AuthSession).where(
-            AuthSession.token_hash == _digest(token), AuthSession.revoked_at.is_(None)
-        )
-    )
+    row = s.scalar(_SESSION_BY_HASH, {"hash": _digest(token)})
     now = utcnow()
     if row is None or row.user.disabled or now - row.last_seen_at > _session_lifetime():
         session.pop("sid", None)  # signed out elsewhere, disabled or expired
@@ -133,9 +144,7 @@ def _key_of_request() -> ApiKey | None:
     if scheme.lower() != "bearer" or not token.startswith(KEY_PREFIX) or len(token) > 200:
         return None
     s = db.session()
-    key = s.scalar(
-        select(ApiKey).where(ApiKey.key_hash == _digest(token), ApiKey.revoked_at.is_(None))
-    )
+    key = s.scalar(_KEY_BY_HASH, {"hash": _digest(token)})
     if key is None or (key.user is not None and key.user.disabled):
         return None
     now = utcnow()
