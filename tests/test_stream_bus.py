@@ -9,8 +9,18 @@ import uuid
 import pytest
 
 from tests.faults import PrivateRedis
+from tidechat import metrics
 from tidechat.redis_keys import RedisKeys
-from tidechat.stream_bus import DELTA, DONE, GONE, STATE_LOST, STOPPED, StreamBus, dumps
+from tidechat.stream_bus import (
+    DELTA,
+    DONE,
+    GONE,
+    STATE_LOST,
+    STOPPED,
+    StreamBus,
+    dumps,
+    process_name,
+)
 from worker.stream_writer import Outbox, StreamWriter
 
 
@@ -55,6 +65,26 @@ def test_a_stale_writer_is_fenced_off_after_a_hand_off(bus):
     bus.append(gid, again.fence, 2, delta("two"))
     assert bus.finish(gid, DONE, {"finish_reason": "stop"}, "done", again.fence)
     assert texts(bus, gid) == ["one ", "two"]
+
+
+def test_a_claim_names_its_worker_and_counts_a_first_run_only(bus, redis_client):
+    """The claim's bookkeeping is in its own script call (it was a second round trip): the
+    operator sees which worker runs the answer, and an answer handed on is not started
+    twice in the metrics."""
+    started = metrics.field("generations_started")
+
+    def count() -> int:
+        return int(redis_client.hget(bus.keys.metrics(), started) or 0)
+
+    before = count()
+    gid, fence = running(bus)
+    assert redis_client.hget(bus.k(gid).meta, "worker").decode() == process_name()
+    assert count() == before + 1
+    assert bus.release(gid, fence)  # handed on (a deploy), then taken by the next worker
+    assert bus.claim(gid, 5000).fence == fence + 1
+    assert count() == before + 1
+    assert bus.claim(gid, 5000) is None  # taken: nothing recorded for a failed claim
+    assert count() == before + 1
 
 
 def test_a_lease_redis_lost_is_taken_back_while_the_generation_is_still_ours(bus):

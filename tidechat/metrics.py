@@ -65,13 +65,14 @@ _SEP = "\t"
 CHARS_PER_TOKEN = 4  # tokens relayed are estimated from the characters, summed first
 
 
-def _field(name: str, *labels: str) -> str:
+def field(name: str, *labels: str) -> str:
+    """A counter's field in the app-wide metrics hash (for scripts that count in it)."""
     return _SEP.join((name, *labels))
 
 
 def count(pipe: Any, keys: RedisKeys, name: str, *labels: str, amount: int = 1) -> None:
     """Add to an app-wide counter, in ``pipe`` (a pipeline or a client)."""
-    pipe.hincrby(keys.metrics(), _field(name, *labels), amount)
+    pipe.hincrby(keys.metrics(), field(name, *labels), amount)
 
 
 def observe(pipe: Any, keys: RedisKeys, name: str, value: float) -> None:
@@ -80,8 +81,8 @@ def observe(pipe: Any, keys: RedisKeys, name: str, value: float) -> None:
     value instead of one per bucket)."""
     key = keys.metrics()
     upper = next((repr(b) for b in BUCKETS[name] if value <= b), "+Inf")
-    pipe.hincrby(key, _field(name, "bin", upper), 1)
-    pipe.hincrbyfloat(key, _field(name, "sum"), value)
+    pipe.hincrby(key, field(name, "bin", upper), 1)
+    pipe.hincrbyfloat(key, field(name, "sum"), value)
 
 
 class EndTiming(NamedTuple):
@@ -177,10 +178,10 @@ class AppWide:
         for name, (metric, doc) in docs.items():
             buckets, total = [], 0.0
             for upper in [*map(repr, BUCKETS[name]), "+Inf"]:
-                total += float(fields.get(_field(name, "bin", upper), 0))
+                total += float(fields.get(field(name, "bin", upper), 0))
                 buckets.append((upper, total))
             family = HistogramMetricFamily(metric, doc)
-            family.add_metric([], buckets, float(fields.get(_field(name, "sum"), 0)))
+            family.add_metric([], buckets, float(fields.get(field(name, "sum"), 0)))
             yield family
 
     def _queue(self) -> Iterator[Any]:

@@ -69,15 +69,17 @@ STOPPED, GONE = "stopped", "gone"
 # (Redis 6 has no script flags: there the end waits until Redis has room again.)
 _ALLOW_OOM = "#!lua flags=allow-oom\n"
 
-# KEYS: meta, lease | ARGV: lease_ms, now_ms
+# KEYS: meta, lease[, metrics] | ARGV: lease_ms, now_ms, worker[, started field]
 # -> {fence, last seq} if this caller now runs the generation, else false.
 # Each claim takes a new fence: a writer from an earlier claim (its worker stalled, then
-# the generation was handed on) can no longer append or end it.
+# the generation was handed on) can no longer append or end it. With the app's metrics
+# hash (one server; on a cluster it lives in another slot), a first run is counted there.
 _CLAIM = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return false end
 local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
-redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2])
+redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2], 'worker', ARGV[3])
 redis.call('SET', KEYS[2], fence, 'PX', ARGV[1])
+if KEYS[3] and fence == 1 then redis.call('HINCRBY', KEYS[3], ARGV[4], 1) end
 return {fence, tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')}
 """
 
@@ -330,16 +332,17 @@ class StreamBus:
 
     def claim(self, gid: str, lease_ms: int) -> Claim | None:
         k = self.k(gid)
-        got = self._claim(keys=[k.meta, k.lease], args=[lease_ms, now_ms()])
+        keys, args = [k.meta, k.lease], [lease_ms, now_ms(), process_name()]
+        if not self.keys.clustered:  # the start's count rides along
+            keys.append(self.keys.metrics())
+            args.append(metrics.field("generations_started"))
+        got = self._claim(keys=keys, args=args)
         if not got:
             return None
         claim = Claim(int(got[0]), int(got[1]))
-        # Bookkeeping only: the claim stands whatever happens here.
-        with contextlib.suppress(redis.RedisError), self.redis.pipeline(False) as pipe:
-            pipe.hset(k.meta, "worker", process_name())  # for the operator's view
-            if claim.fence == 1:  # its first run (not one handed on by a deploy)
-                metrics.count(pipe, self.keys, "generations_started")
-            pipe.execute()
+        if self.keys.clustered and claim.fence == 1:  # its first run (not one handed on)
+            with contextlib.suppress(redis.RedisError):  # bookkeeping: the claim stands
+                metrics.count(self.redis, self.keys, "generations_started")
         return claim
 
     def append(
