@@ -247,8 +247,12 @@ def turn_facts(s: Session, conv: Conversation, after: int | None = None) -> Turn
         return TurnFacts(pending, has_user, later)
     _flush_pending(s)
     params = {"cid": conv.id, "after": -1 if after is None else after}
-    seq, user, more = s.connection().execute(_TURN_FACTS, params).one()
-    return TurnFacts(None if seq is None else s.get(Message, seq), bool(user), bool(more))
+    return _facts(s, *s.connection().execute(_TURN_FACTS, params).one())
+
+
+def _facts(s: Session, seq: int | None, user: Any, later: Any) -> TurnFacts:
+    """TurnFacts from its subqueries' values (the pending answer loaded only if there is one)."""
+    return TurnFacts(None if seq is None else s.get(Message, seq), bool(user), bool(later))
 
 
 def owned_turn(s: Session, owner: str, cid: str) -> tuple[Conversation, TurnFacts]:
@@ -256,12 +260,11 @@ def owned_turn(s: Session, owner: str, cid: str) -> tuple[Conversation, TurnFact
     query where starting a turn asked two."""
     if not hygiene.is_id(cid):
         raise not_found("conversation")
-    _flush_pending(s)
-    row = s.execute(_OWNED_TURN, {"cid": cid, "owner": owner}).one_or_none()
+    row = s.execute(_OWNED_TURN, {"cid": cid, "owner": owner}).one_or_none()  # (autoflushes)
     if row is None:
         raise not_found("conversation")
     conv, seq, user = row
-    return conv, TurnFacts(None if seq is None else s.get(Message, seq), bool(user), False)
+    return conv, _facts(s, seq, user, False)
 
 
 def pending_answer(s: Session, conv: Conversation) -> Message | None:

@@ -97,9 +97,7 @@ def init_app(app: Flask) -> None:
     app.extensions["admission_scripts"] = {
         source: bus_redis.register_script(source) for source in (_ADMIT, _WITHDRAW)
     }
-    app.extensions["stream_slots"] = StreamSlots(
-        app.extensions["stream_bus"].redis, app.extensions["redis_keys"]
-    )
+    app.extensions["stream_slots"] = StreamSlots(bus_redis, app.extensions["redis_keys"])
 
 
 def _on_refusal(response: Response) -> Response:
