@@ -17,7 +17,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from tidechat import cluster_broker, redis_conn
+from tidechat import broker, redis_conn
 from tidechat.redis_keys import RedisKeys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,10 +180,10 @@ def finalize(config: dict[str, Any]) -> None:
     clustered = redis_conn.is_cluster(config["REDIS_URL"])
     config["REDIS_BUCKETS"] = int(config["REDIS_CLUSTER_BUCKETS"]) if clustered else 0
     keys = redis_keys(config)
+    broker_settings = broker.settings(config["REDIS_URL"])
+    transport_options = broker_settings.pop("transport_options")
     config["CELERY"] = {
-        "broker_url": (
-            cluster_broker.broker_url(config["REDIS_URL"]) if clustered else config["REDIS_URL"]
-        ),
+        **broker_settings,
         "task_ignore_result": True,
         "task_default_queue": config["CELERY_QUEUE"],
         # A generation is not retried on worker loss: its stream already holds text the
@@ -195,7 +195,7 @@ def finalize(config: dict[str, Any]) -> None:
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
             "global_keyprefix": keys.celery_prefix(),
-            **({cluster_broker.URL_OPTION: config["REDIS_URL"]} if clustered else {}),
+            **transport_options,
             # Tasks are acknowledged as they start, so only a task a worker had reserved
             # but not started waits this long for redelivery after that worker is killed
             # (kombu's default, an hour, left its chat waiting an hour). Delivering one

@@ -1,0 +1,120 @@
+"""Celery's broker as a worker uses it (``tidechat/broker.py``): a task stays in kombu's
+unacked bookkeeping until its ack and comes back if its worker goes away before that, with
+the channel's one redis-py client doing the bookkeeping."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+from kombu import Consumer, Queue
+
+from tidechat import broker, limits
+from worker import enqueue_generation
+
+
+@pytest.fixture
+def app(make_app, key_prefix, redis_client):
+    # A queue no worker reads: only this test's consumer takes from it.
+    app = make_app(TIDECHAT_CELERY_QUEUE=key_prefix + "broker-check")
+    yield app
+    redis_client.delete(*queue_lists(app))
+
+
+def queue_lists(app) -> list[str]:
+    keys = app.extensions["redis_keys"]
+    return limits.queue_names(keys.celery_queue(app.config["CELERY_QUEUE"]))
+
+
+def unacked(app, redis_client, tag: str) -> tuple[bool, bool]:
+    """Whether the unacked hash and its index hold ``tag``."""
+    prefix = app.extensions["redis_keys"].celery_prefix()
+    return (
+        redis_client.hexists(prefix + "unacked", tag),
+        redis_client.zscore(prefix + "unacked_index", tag) is not None,
+    )
+
+
+def take_one(app, conn, ack: bool) -> tuple[str, str]:
+    """Consume one task from the app's queue: (its generation id, its delivery tag)."""
+    got = []
+
+    def on_message(body, message) -> None:
+        got.append(message)
+
+    queue = Queue(app.config["CELERY_QUEUE"])
+    with Consumer(conn.default_channel, [queue], callbacks=[on_message], accept=["json"]):
+        conn.drain_events(timeout=5)
+    (message,) = got
+    if ack:
+        message.ack()
+    args, _kwargs, _embed = message.decode()
+    return args[0], message.delivery_tag
+
+
+def test_a_task_is_bookkept_until_acked_and_redelivered_if_its_worker_goes(app, redis_client):
+    celery_app = app.extensions["celery"]
+    with app.app_context():
+        enqueue_generation(app, "gen-acked")
+        enqueue_generation(app, "gen-dropped")
+
+    with celery_app.connection_for_read() as conn:
+        assert isinstance(conn.default_channel, broker.Channel)
+        gid, tag = take_one(app, conn, ack=True)
+        assert gid == "gen-acked"
+        assert unacked(app, redis_client, tag) == (False, False)
+
+        gid, tag = take_one(app, conn, ack=False)
+        assert gid == "gen-dropped"
+        assert unacked(app, redis_client, tag) == (True, True)
+    # The connection closed with the task unacknowledged (a worker stopping): it is back
+    # on its queue, and out of the bookkeeping.
+    assert unacked(app, redis_client, tag) == (False, False)
+    with celery_app.connection_for_read() as conn:
+        assert take_one(app, conn, ack=True)[0] == "gen-dropped"
+
+
+def test_the_channel_reuses_one_client_until_kombu_replaces_its_pool(app):
+    with app.extensions["celery"].connection_for_read() as conn:
+        channel = conn.default_channel
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second
+            assert first.connection_pool is channel.pool
+        channel._pool = None  # what kombu does after a connection error
+        with channel.conn_or_acquire() as third:
+            assert third is not first
+            assert third.connection_pool is channel.pool
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://h:6379/0", {"broker_url": "redis://h:6379/0", "broker_transport": broker.SCHEME}),
+        (
+            "rediss://:pw@h:6380/0",
+            {
+                "broker_url": "rediss://:pw@h:6380/0",
+                "broker_transport": broker.SCHEME,
+                "broker_use_ssl": {"ssl_cert_reqs": ssl.CERT_NONE},  # kombu's own default
+            },
+        ),
+        (
+            "rediss://h:6380/0?ssl_cert_reqs=required",  # the URL's TLS options decide
+            {
+                "broker_url": "rediss://h:6380/0?ssl_cert_reqs=required",
+                "broker_transport": broker.SCHEME,
+            },
+        ),
+        ("redis+socket:///tmp/r.sock", {"broker_url": "redis+socket:///tmp/r.sock"}),
+    ],
+)
+def test_broker_settings_for_one_server(url, expected):
+    assert broker.settings(url) == {**expected, "transport_options": {}}
+
+
+def test_broker_settings_for_a_cluster():
+    url = "redis+cluster://:pw@h1:7000,h2:7001"
+    assert broker.settings(url) == {
+        "broker_url": broker.CLUSTER_SCHEME + "://:pw@h1:7000",
+        "transport_options": {broker.URL_OPTION: url},
+    }
