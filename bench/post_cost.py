@@ -12,6 +12,14 @@ messages, then times ``time.process_time()`` around each Flask test-client reque
 - ``v1``: ``POST /v1/responses`` with ``background: true`` and ``previous_response_id`` the
   conversation's last answer (the /v1 door's way to go on with a long conversation).
 
+``--server served`` sends the same requests to a real gunicorn + gevent web process (the
+production server, one worker, started with the same settings) over one keep-alive
+connection, and reads that process's CPU from ``/proc`` (every thread's schedstat) around
+each request: the request's parsing, the gevent hub's wake-ups and the response's writes
+count too, and the test client's own work (``inproc``: in the bench process, not in
+production) does not. SQL, row and Redis counts are the bench process's own: ``inproc``
+rows only.
+
 No Celery worker runs: the task is only enqueued. Between requests, outside the clock, the
 answer is cancelled through the real core (``answers.cancel``) and the messages it added
 are deleted, so every request sees a conversation of exactly its length with nothing in
@@ -54,7 +62,9 @@ _HIGH_RATES = {
 # --- one configuration, in its own process --------------------------------------------
 
 
-def run_one(database_url: str, limits_on: bool, n: int, profile: int | None) -> dict[str, Any]:
+def run_one(
+    database_url: str, limits_on: bool, n: int, profile: int | None, served: bool = False
+) -> dict[str, Any]:
     prefix = f"tcpost:{uuid.uuid4().hex[:8]}:"
     from tidechat import limits
 
@@ -83,14 +93,17 @@ def run_one(database_url: str, limits_on: bool, n: int, profile: int | None) -> 
     db.upgrade(database_url)
     app = create_app()
     r = redis.Redis.from_url(REDIS_URL)
+    server = _Served(dict(os.environ)) if served else None
     try:
-        bench = _Bench(app, r)
+        bench = _Bench(app, r, server)
         statements = {"n": 0, "rows": 0, "redis": 0}
         engine = app.extensions["db"].kw["bind"]
         event.listen(engine, "before_cursor_execute", lambda *a: _count(statements, "n"))
         event.listen(models.Message, "load", lambda *a: _count(statements, "rows"))
         _count_redis_round_trips(statements)
-        result: dict[str, Any] = {"database": engine.dialect.name, "limits": limits_on, "rows": []}
+        result: dict[str, Any] = {
+            "database": engine.dialect.name, "limits": limits_on, "served": served, "rows": []
+        }  # fmt: skip
         convs = {(door, length): bench.conversation(length) for door in ("page", "v1")
                  for length in LENGTHS}  # fmt: skip
         for key in convs:  # warm up imports, pools, caches
@@ -119,7 +132,7 @@ def run_one(database_url: str, limits_on: bool, n: int, profile: int | None) -> 
                     "redis": statistics.median(trips[(door, length)]),
                 }
             )
-        if profile:
+        if profile and not served:
             result["profile"] = {}
             for door in ("page", "v1"):
                 prof = cProfile.Profile()
@@ -132,6 +145,8 @@ def run_one(database_url: str, limits_on: bool, n: int, profile: int | None) -> 
                 result["profile"][door] = out.getvalue()
         return result
     finally:
+        if server is not None:
+            server.stop()
         for key in r.scan_iter(match=prefix + "*", count=1000):
             r.delete(key)
 
@@ -159,11 +174,35 @@ class _Conv:
         self.cid, self.base_seq, self.last_gid = cid, base_seq, last_gid
 
 
+class _Served:
+    """A gunicorn + gevent web process of its own, and this process's client of it."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        import httpx
+
+        from bench.procs import start_gunicorn
+
+        logdir = Path(tempfile.mkdtemp(prefix="tcpost-served-"))
+        env = {**env, "LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1"}
+        self.proc = start_gunicorn("web", "app:create_app()", env, logdir, "/healthz")
+        self.pid = self.proc.work_pid()
+        self.http = httpx.Client(base_url=self.proc.url, timeout=30)
+
+    def cpu(self) -> float:
+        """CPU seconds the web process has used, all its threads (nanosecond counters)."""
+        tasks = Path(f"/proc/{self.pid}/task").iterdir()
+        return sum(int((t / "schedstat").read_text().split()[0]) for t in tasks) / 1e9
+
+    def stop(self) -> None:
+        self.http.close()
+        self.proc.stop()
+
+
 class _Bench:
-    def __init__(self, app, r) -> None:
+    def __init__(self, app, r, server: _Served | None = None) -> None:
         from tidechat import limits
 
-        self.app, self.r = app, r
+        self.app, self.r, self.server = app, r, server
         self.client = app.test_client()
         assert self.client.post("/api/conversations").status_code == 201  # the guest cookie
         key = self.client.post("/api/keys", json={"name": "bench"}).get_json()
@@ -224,21 +263,32 @@ class _Bench:
             url, headers = "/v1/responses", self.auth
             body = {"model": MODEL, "input": "Hi there", "background": True,
                     "previous_response_id": "resp_" + conv.last_gid}  # fmt: skip
-        if prof is not None:
-            prof.enable()
-        start = time.process_time()
-        response = self.client.post(url, json=body, headers=headers)
-        spent = time.process_time() - start
-        if prof is not None:
-            prof.disable()
+        if self.server is not None:
+            spent, status, text = self._post_served(url, body, headers)
+        else:
+            if prof is not None:
+                prof.enable()
+            start = time.process_time()
+            response = self.client.post(url, json=body, headers=headers)
+            spent = time.process_time() - start
+            if prof is not None:
+                prof.disable()
+            status, text = response.status_code, response.get_data(as_text=True)
         if counts is not None:  # what the request did, before the reset's own queries
             snapshot = dict(counts)
-        if response.status_code not in (200, 202):
-            raise RuntimeError(f"{door}: {response.status_code} {response.get_data(as_text=True)}")
+        if status not in (200, 202):
+            raise RuntimeError(f"{door}: {status} {text}")
         self.reset(conv)
         if counts is not None:
             counts.update(snapshot)
         return spent
+
+    def _post_served(self, url: str, body: dict, headers: dict) -> tuple[float, int, str]:
+        server = self.server
+        headers = {**headers, **self.client_headers()}  # the test client's guest cookie
+        start = server.cpu()
+        response = server.http.post(url, json=body, headers=headers)
+        return server.cpu() - start, response.status_code, response.text
 
     def reset(self, conv: _Conv) -> None:
         from sqlalchemy import delete, select
@@ -289,63 +339,70 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", type=int, choices=LENGTHS, help="cProfile (top 15) at this length"
     )
+    parser.add_argument(
+        "--server", default="inproc,served", help="inproc (Flask's test client), served or both"
+    )
     parser.add_argument("--json", action="store_true", help="print the raw results as JSON")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "<database url>|<on|off>"
+    # internal: "<database url>|<on|off>|<inproc|served>"
+    parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.one:
-        url, mode = args.one.rsplit("|", 1)
-        print(json.dumps(run_one(url, mode == "on", args.n, args.profile)))
+        url, mode, server = args.one.rsplit("|", 2)
+        print(json.dumps(run_one(url, mode == "on", args.n, args.profile, server == "served")))
         return 0
 
     results = []
-    for kind in args.db.split(","):
-        for mode in args.limits.split(","):
-            drop = None
-            if kind == "sqlite":
-                tmp = tempfile.mkdtemp(prefix="tcpost-")
-                url = f"sqlite:///{Path(tmp) / 'tidechat.db'}"
-            else:
-                try:
-                    url, drop = _postgres_database()
-                except Exception as exc:  # noqa: BLE001
-                    print(
-                        f"(skipping PostgreSQL: {exc.__class__.__name__}: {exc})", file=sys.stderr
-                    )
-                    continue
-            cmd = [
-                sys.executable,
-                "-m",
-                "bench.post_cost",
-                "--one",
-                f"{url}|{mode}",
-                "-n",
-                str(args.n),
-            ]
-            if args.profile:
-                cmd += ["--profile", str(args.profile)]
+    cases = [(kind, mode, server) for kind in args.db.split(",")
+             for mode in args.limits.split(",") for server in args.server.split(",")]  # fmt: skip
+    for kind, mode, server in cases:
+        drop = None
+        if kind == "sqlite":
+            tmp = tempfile.mkdtemp(prefix="tcpost-")
+            url = f"sqlite:///{Path(tmp) / 'tidechat.db'}"
+        else:
             try:
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            except subprocess.CalledProcessError as exc:
-                print(exc.stdout, exc.stderr, file=sys.stderr)
-                raise
-            finally:
-                if drop is not None:
-                    drop()
-            results.append(json.loads(out.strip().splitlines()[-1]))
+                url, drop = _postgres_database()
+            except Exception as exc:  # noqa: BLE001
+                print(f"(skipping PostgreSQL: {exc.__class__.__name__}: {exc})", file=sys.stderr)
+                continue
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.post_cost",
+            "--one",
+            f"{url}|{mode}|{server}",
+            "-n",
+            str(args.n),
+        ]
+        if args.profile:
+            cmd += ["--profile", str(args.profile)]
+        try:
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        except subprocess.CalledProcessError as exc:
+            print(exc.stdout, exc.stderr, file=sys.stderr)
+            raise
+        finally:
+            if drop is not None:
+                drop()
+        results.append(json.loads(out.strip().splitlines()[-1]))
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     print(f"web CPU per POST (ms), {args.n} requests per row; per request: sql statements, "
           "Message rows the ORM loaded, Redis round trips")  # fmt: skip
-    print(f"{'database':<11}{'limits':<8}{'door':<6}{'messages':>9}{'p50':>8}{'mean':>8}"
-          f"{'sql':>6}{'loaded':>8}{'redis':>7}")  # fmt: skip
+    print(f"{'database':<11}{'limits':<8}{'server':<8}{'door':<6}{'messages':>9}{'p50':>8}"
+          f"{'mean':>8}{'sql':>6}{'loaded':>8}{'redis':>7}")  # fmt: skip
     for res in results:
         for row in res["rows"]:
+            counted = "".join(
+                f"{'-' if res['served'] else format(row[k], '.0f'):>{w}}"
+                for k, w in (("sql", 6), ("loaded", 8), ("redis", 7))
+            )
             print(
-                f"{res['database']:<11}{'on' if res['limits'] else 'off':<8}{row['door']:<6}"
-                f"{row['messages']:>9}{row['p50_ms']:>8.2f}{row['mean_ms']:>8.2f}{row['sql']:>6.0f}"
-                f"{row['loaded']:>8.0f}{row['redis']:>7.0f}"
+                f"{res['database']:<11}{'on' if res['limits'] else 'off':<8}"
+                f"{'served' if res['served'] else 'inproc':<8}{row['door']:<6}"
+                f"{row['messages']:>9}{row['p50_ms']:>8.2f}{row['mean_ms']:>8.2f}{counted}"
             )
         for door, text in (res.get("profile") or {}).items():
             print(f"\n--- {res['database']}, limits {'on' if res['limits'] else 'off'}, {door}, "

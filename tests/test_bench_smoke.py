@@ -7,6 +7,7 @@ seconds-long run on a shared machine mean nothing.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,21 @@ def test_short_soak_through_a_redis_restart_passes_its_checks(tmp_path: Path) ->
     assert tally["clients"]["clients"] > 0 and tally["clients"]["reconnects"] > 0
     assert sum(tally["statuses"].values()) >= 10
     assert written["rss_end"]["web"] > 0
+
+
+def test_post_cost_measures_both_servers(redis_url: str) -> None:
+    """``python -m bench.post_cost``: the in-process rows carry the request's counts; the
+    served rows come from a real gunicorn process (its CPU, no counts)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.post_cost", "--db", "sqlite", "--limits", "on", "-n", "3",
+         "--json"],
+        cwd=ROOT, env={**os.environ, "REDIS_URL": redis_url},
+        check=True, capture_output=True, text=True, timeout=300,
+    ).stdout  # fmt: skip
+    inproc, served = json.loads(out)
+    assert (inproc["served"], served["served"]) == (False, True)
+    for result in (inproc, served):
+        rows = {(row["door"], row["messages"]): row for row in result["rows"]}
+        assert set(rows) == {("page", 2), ("page", 200), ("v1", 2), ("v1", 200)}
+        assert all(row["p50_ms"] > 0 for row in rows.values())
+    assert [row["sql"] for row in inproc["rows"] if row["door"] == "page"] == [4, 4]
