@@ -7,6 +7,7 @@ from __future__ import annotations
 import ssl
 
 import pytest
+from celery import Celery
 from kombu import Consumer, Queue
 
 from tidechat import broker, limits
@@ -118,3 +119,32 @@ def test_broker_settings_for_a_cluster():
         "broker_url": broker.CLUSTER_SCHEME + "://:pw@h1:7000",
         "transport_options": {broker.URL_OPTION: url},
     }
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:pw@h:6379/2",
+        "rediss://:pw@h:6380/0",
+        "rediss://h:6380/0?ssl_cert_reqs=required",
+        "rediss://h:6380/0?ssl_cert_reqs=optional&ssl_ca_certs=/etc/ca.pem",
+    ],
+)
+def test_celery_connects_where_and_how_kombus_own_transport_would(url):
+    """Only the transport class changes: the same server, database, password and TLS."""
+
+    def connection(**conf):
+        celery_app = Celery("broker-check")
+        celery_app.conf.update(conf)
+        return celery_app.connection_for_read()
+
+    settings = broker.settings(url)
+    del settings["transport_options"]
+    ours, kombus = connection(**settings), connection(broker_url=url)
+    assert ours.transport_cls == broker.SCHEME
+    assert ours.transport.Channel is broker.Channel
+
+    def where(conn):
+        return conn.hostname, conn.port, conn.virtual_host, conn.password, conn.ssl
+
+    assert where(ours) == where(kombus)
