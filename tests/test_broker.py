@@ -128,6 +128,7 @@ def test_broker_settings_for_a_cluster():
         "rediss://:pw@h:6380/0",
         "rediss://h:6380/0?ssl_cert_reqs=required",
         "rediss://h:6380/0?ssl_cert_reqs=optional&ssl_ca_certs=/etc/ca.pem",
+        "rediss://h:6380/0?ssl_ca_certs=/etc/ca.pem",
     ],
 )
 def test_celery_connects_where_and_how_kombus_own_transport_would(url):
