@@ -190,8 +190,13 @@ class _Served:
 
     def cpu(self) -> float:
         """CPU seconds the web process has used, all its threads (nanosecond counters)."""
-        tasks = Path(f"/proc/{self.pid}/task").iterdir()
-        return sum(int((t / "schedstat").read_text().split()[0]) for t in tasks) / 1e9
+        total = 0
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except FileNotFoundError:  # a thread that ended since the listing
+                continue
+        return total / 1e9
 
     def stop(self) -> None:
         self.http.close()
