@@ -172,3 +172,29 @@ def test_the_writer_appends_in_one_round_trip_and_survives_redis_forgetting_its_
         assert not box.failed and texts(bus, gid) == words
     finally:
         server.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_writer_whose_thread_died_starts_another_for_the_next_delta(bus):
+    """Its every delta checks the thread by a flag the thread clears as it ends (not by
+    ``is_alive()``): a thread killed by a bug outside the write's own handling still
+    gets a successor, and no delta is lost or doubled."""
+    writer = StreamWriter(bus, 0.0, retry_seconds=5)
+    gid, fence = running(bus)
+    box = Outbox(gid, fence)
+    writer.put(box, "one ")
+    assert writer.drain(box, timeout=10)
+    first, take = writer._thread, writer._take
+
+    def dies() -> list:
+        writer._take = take
+        raise SystemExit  # ends the thread quietly, the queued delta untaken
+
+    writer._take = dies
+    writer.put(box, "two ")
+    first.join(5)
+    assert not first.is_alive()
+    writer.put(box, "three ")
+    assert writer.drain(box, timeout=10)
+    assert writer._thread is not first
+    assert "".join(texts(bus, gid)) == "one two three "
