@@ -4,6 +4,7 @@ worker's writer going on after Redis lost its scripts."""
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
@@ -198,3 +199,22 @@ def test_a_writer_whose_thread_died_starts_another_for_the_next_delta(bus):
     assert writer.drain(box, timeout=10)
     assert writer._thread is not first
     assert "".join(texts(bus, gid)) == "one two three "
+
+
+def test_a_forked_child_starts_its_own_writer_thread(bus):
+    writer = StreamWriter(bus, 0.0, retry_seconds=5)
+    gid, fence = running(bus)
+    box = Outbox(gid, fence)
+    writer.put(box, "parent ")
+    assert writer.drain(box, timeout=10)
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's writer thread is not here
+        ok = False
+        try:
+            writer.put(box, "child ")
+            ok = writer.drain(box, timeout=10)
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert "".join(texts(bus, gid)) == "parent child "
