@@ -177,9 +177,8 @@ def test_the_writer_appends_in_one_round_trip_and_survives_redis_forgetting_its_
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_writer_whose_thread_died_starts_another_for_the_next_delta(bus):
-    """Its every delta checks the thread by a flag the thread clears as it ends (not by
-    ``is_alive()``): a thread killed by a bug outside the write's own handling still
-    gets a successor, and no delta is lost or doubled."""
+    """A thread killed by a bug outside the write's own handling gets a successor at the
+    next delta, and no delta is lost or doubled."""
     writer = StreamWriter(bus, 0.0, retry_seconds=5)
     gid, fence = running(bus)
     box = Outbox(gid, fence)

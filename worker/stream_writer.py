@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
-import weakref
 from typing import Any
 
 import redis
@@ -85,17 +83,6 @@ class _Batch:
         self.payload = ""
 
 
-_WRITERS: weakref.WeakSet[StreamWriter] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for writer in _WRITERS:  # a forked child has none of its parent's threads
-        writer._running = False
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 class StreamWriter:
     def __init__(
         self, bus: StreamBus, coalesce_ms: float = 0.0, retry_seconds: float = 30.0
@@ -107,8 +94,6 @@ class StreamWriter:
         self._ready = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._running = False  # its thread's; False as it ends, and in a forked child
-        _WRITERS.add(self)
         self.last_written: float | None = None  # monotonic times of the last append...
         self.last_failed: float | None = None  # ...and of the last one Redis refused for good
 
@@ -141,29 +126,27 @@ class StreamWriter:
         return outbox.idle.wait(timeout) and not outbox.stopped
 
     def _ensure_started(self) -> None:
-        # (Re)start: never stay dead. This runs for every delta, so it reads a flag that
-        # the thread clears as it ends, not Thread.is_alive(), which under gevent takes a
-        # lock and yields to the hub on each call (2.6 % of a worker's CPU at 1000 streams).
-        if not self._running:
+        # Thread.is_alive() for every delta is not only a check. Under gevent its lock
+        # acquire yields to the hub, and here it does so with self._lock held: that is what
+        # lets the deltas of many answers share one append. A flag instead, with or without
+        # a yield outside the lock, cost every process 30-100 % more CPU at 1000 streams
+        # (more appends, more events; docs/benchmarks.md, 2026-12-06 third session).
+        if self._thread is None or not self._thread.is_alive():  # (re)start: never stay dead
             self._thread = threading.Thread(target=self._run, name="stream-writer", daemon=True)
-            self._running = True
             self._thread.start()
 
     def _run(self) -> None:
-        try:
-            while True:
-                self._ready.wait()
-                if self.coalesce:
-                    time.sleep(self.coalesce)
-                batches = self._take()
-                try:
-                    self._write(batches)
-                except Exception:  # fail these generations, never the writer: every
-                    log.exception("stream writer: %d generations failed", len(batches))
-                    for batch in batches:  # answer of the process goes through it
-                        self._fail(batch.box, INTERNAL_ERROR)
-        finally:
-            self._running = False
+        while True:
+            self._ready.wait()
+            if self.coalesce:
+                time.sleep(self.coalesce)
+            batches = self._take()
+            try:
+                self._write(batches)
+            except Exception:  # fail these generations, never the writer: every answer of
+                log.exception("stream writer: %d generations failed", len(batches))  # the
+                for batch in batches:  # process goes through it
+                    self._fail(batch.box, INTERNAL_ERROR)
 
     def _take(self) -> list[_Batch]:
         with self._lock:
