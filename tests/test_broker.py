@@ -110,15 +110,15 @@ def test_the_channel_reuses_one_client_until_kombu_replaces_its_pool(app):
     ],
 )
 def test_broker_settings_for_one_server(url, expected):
-    assert broker.settings(url) == {**expected, "transport_options": {}}
+    assert broker.settings(url) == (expected, {})
 
 
 def test_broker_settings_for_a_cluster():
     url = "redis+cluster://:pw@h1:7000,h2:7001"
-    assert broker.settings(url) == {
-        "broker_url": broker.CLUSTER_SCHEME + "://:pw@h1:7000",
-        "transport_options": {broker.URL_OPTION: url},
-    }
+    assert broker.settings(url) == (
+        {"broker_url": broker.CLUSTER_SCHEME + "://:pw@h1:7000"},
+        {broker.URL_OPTION: url},
+    )
 
 
 @pytest.mark.parametrize(
@@ -139,8 +139,7 @@ def test_celery_connects_where_and_how_kombus_own_transport_would(url):
         celery_app.conf.update(conf)
         return celery_app.connection_for_read()
 
-    settings = broker.settings(url)
-    del settings["transport_options"]
+    settings, _ = broker.settings(url)
     ours, kombus = connection(**settings), connection(broker_url=url)
     assert ours.transport_cls == broker.SCHEME
     assert ours.transport.Channel is broker.Channel

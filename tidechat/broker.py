@@ -79,22 +79,20 @@ def register() -> None:
     TRANSPORT_ALIASES.setdefault(CLUSTER_SCHEME, f"{__name__}:ClusterTransport")
 
 
-def settings(redis_url: str) -> dict[str, Any]:
-    """Celery's broker settings for ``REDIS_URL``; ``transport_options`` go into its
+def settings(redis_url: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Celery's broker settings for ``REDIS_URL``, and what goes into its
     ``broker_transport_options``."""
     register()
     if redis_conn.is_cluster(redis_url):
         first, _ = redis_conn.seeds(redis_url)  # kombu reads one host from the URL
-        return {
-            "broker_url": CLUSTER_SCHEME + "://" + first.split("://", 1)[1],
-            "transport_options": {URL_OPTION: redis_url},
-        }
-    scheme = urlsplit(redis_url).scheme
-    if scheme not in ("redis", "rediss"):  # e.g. redis+socket://: kombu's own transport
-        return {"broker_url": redis_url, "transport_options": {}}
-    found = {"broker_url": redis_url, "broker_transport": SCHEME, "transport_options": {}}
-    if scheme == "rediss" and "ssl_cert_reqs" not in parse_qs(urlsplit(redis_url).query):
+        broker_url = CLUSTER_SCHEME + "://" + first.split("://", 1)[1]
+        return {"broker_url": broker_url}, {URL_OPTION: redis_url}
+    url = urlsplit(redis_url)
+    if url.scheme not in ("redis", "rediss"):  # e.g. redis+socket://: kombu's own transport
+        return {"broker_url": redis_url}, {}
+    found: dict[str, Any] = {"broker_url": redis_url, "broker_transport": SCHEME}
+    if url.scheme == "rediss" and "ssl_cert_reqs" not in parse_qs(url.query):
         # What kombu does for a rediss:// URL without TLS options, which it recognises by
         # its transport's name; the URL's own ssl_* options still win.
         found["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_NONE}
-    return found
+    return found, {}

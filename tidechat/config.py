@@ -180,8 +180,7 @@ def finalize(config: dict[str, Any]) -> None:
     clustered = redis_conn.is_cluster(config["REDIS_URL"])
     config["REDIS_BUCKETS"] = int(config["REDIS_CLUSTER_BUCKETS"]) if clustered else 0
     keys = redis_keys(config)
-    broker_settings = broker.settings(config["REDIS_URL"])
-    transport_options = broker_settings.pop("transport_options")
+    broker_settings, transport_options = broker.settings(config["REDIS_URL"])
     config["CELERY"] = {
         **broker_settings,
         "task_ignore_result": True,
