@@ -5,6 +5,7 @@ worker's writer going on after Redis lost its scripts."""
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import pytest
@@ -217,3 +218,35 @@ def test_a_forked_child_starts_its_own_writer_thread(bus):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert "".join(texts(bus, gid)) == "parent child "
+
+
+def entry_count(bus: StreamBus, gid: str) -> int:
+    return sum(1 for e in bus.entries(gid) if e.event == DELTA)
+
+
+def test_a_busy_writer_gathers_many_answers_per_append_and_a_lone_one_is_written_at_once(bus):
+    """Group commit: while deltas arrive less than the wait apart, the writer waits before
+    each batch, so many answers' deltas share a round trip and each answer's share one
+    entry; a lone, slow answer never waits (before: no wait, or a wait for every delta)."""
+    wait_s = 0.1
+    writer = StreamWriter(bus, wait_s * 1000, retry_seconds=5)
+    lone_gid, fence = running(bus)
+    lone = Outbox(lone_gid, fence)
+    for word in ("a ", "lone ", "answer "):
+        writer.put(lone, word)
+        assert writer.drain(lone, timeout=wait_s * 0.8)  # in Redis before a wait could end
+        time.sleep(wait_s * 2)
+    assert texts(bus, lone_gid) == ["a ", "lone ", "answer "]
+
+    boxes = [Outbox(*running(bus)) for _ in range(20)]
+    sent = {box.gid: [] for box in boxes}
+    for i in range(30):  # 600 deltas, about 1 ms apart: 20 answers at 33 deltas/s each
+        for box in boxes:
+            word = f"w{i} "
+            writer.put(box, word)
+            sent[box.gid].append(word)
+            time.sleep(0.001)
+    for box in boxes:
+        assert writer.drain(box, timeout=10) and not box.failed
+        assert "".join(texts(bus, box.gid)) == "".join(sent[box.gid])  # exact, in order
+        assert entry_count(bus, box.gid) <= 15  # 30 deltas, about 0.6 s: a few waits' worth

@@ -96,7 +96,9 @@ DEFAULTS: dict[str, Any] = {
     "KEY_PREFIX": "tidechat:",
     "STREAM_TTL": 3600,  # seconds a finished generation's stream stays replayable
     "LEASE_TTL": 6.0,  # seconds a worker's lease on a generation lives without renewal
-    "STREAM_COALESCE_MS": 0.0,  # extra wait to merge deltas (they merge under load anyway)
+    # A worker whose deltas come at least two per this wait waits this long before each
+    # append, so many answers share its round trip (one answer alone is never held). 0: off.
+    "STREAM_COALESCE_MS": 3.0,
     "LEASE_RENEW": 1.0,  # how often the worker renews it (and re-reads cancel flags)
     # SSE
     "PING_INTERVAL": 15.0,  # seconds between ": ping" comments on a quiet stream

@@ -2,10 +2,16 @@
 
 A task hands each delta to the writer and goes back to reading the model. One writer
 greenlet per worker process appends everything that is waiting in one pipelined round
-trip, merging a generation's waiting deltas into one entry. When the process is idle a
-delta is written at once; under load, deltas that arrive during a round trip share the
-next one, so Redis commands and SSE events per token fall as load rises. An optional
-``STREAM_COALESCE_MS`` waits that long before each batch to merge more.
+trip, merging a generation's waiting deltas into one entry. Deltas that arrive during a
+round trip share the next one, so Redis commands and SSE events per token fall as load
+rises.
+
+Group commit, as PostgreSQL's ``commit_delay`` waits only while enough other transactions
+are active: when deltas arrive so fast that two or more are due within
+``STREAM_COALESCE_MS``, the writer waits that long before each batch, so that one round
+trip carries many answers' deltas and Redis and the web processes wake once for all of
+them. One answer alone, or a few slow ones, is written at once: too little would share the
+wait for its latency to buy anything.
 
 Merging only joins adjacent text of one generation, so the concatenation of its deltas,
 and so the stored answer, is unchanged.
@@ -48,6 +54,8 @@ def refusal(exc: Exception) -> dict[str, str] | None:
 
 
 FAILURE_MEMORY_S = 60.0  # how long a refused append marks the writer unhealthy
+GAP_CAP_S = 1.0  # an idle spell counts as this long a gap between deltas
+GATHER = 2  # deltas that must be due within a wait for the writer to wait
 
 
 class Outbox:
@@ -90,6 +98,8 @@ class StreamWriter:
         self.bus = bus
         self.coalesce = coalesce_ms / 1000
         self.retry_seconds = retry_seconds
+        self.gap = GAP_CAP_S  # the mean time between deltas (moving, as TCP's smoothed RTT)
+        self._last_put = 0.0
         self._waiting: dict[str, Outbox] = {}
         self._ready = threading.Event()
         self._lock = threading.Lock()
@@ -114,6 +124,9 @@ class StreamWriter:
             return False
         with self._lock:
             outbox.pending.append(text)
+            now = time.monotonic()
+            self.gap += (min(now - self._last_put, GAP_CAP_S) - self.gap) / 8
+            self._last_put = now
             outbox.idle.clear()
             self._waiting[outbox.gid] = outbox
             self._ensure_started()
@@ -138,7 +151,7 @@ class StreamWriter:
     def _run(self) -> None:
         while True:
             self._ready.wait()
-            if self.coalesce:
+            if self.coalesce and self.gap * GATHER <= self.coalesce:  # enough are due: gather
                 time.sleep(self.coalesce)
             batches = self._take()
             try:
