@@ -228,7 +228,7 @@ def test_a_busy_writer_gathers_many_answers_per_append_and_a_lone_one_is_written
     """Group commit: while deltas arrive less than the wait apart, the writer waits before
     each batch, so many answers' deltas share a round trip and each answer's share one
     entry; a lone, slow answer never waits (before: no wait, or a wait for every delta)."""
-    wait_s = 0.1
+    wait_s = 0.3
     writer = StreamWriter(bus, wait_s * 1000, retry_seconds=5)
     lone_gid, fence = running(bus)
     lone = Outbox(lone_gid, fence)
