@@ -225,9 +225,10 @@ def entry_count(bus: StreamBus, gid: str) -> int:
 
 
 def test_a_busy_writer_gathers_many_answers_per_append_and_a_lone_one_is_written_at_once(bus):
-    """Group commit: while deltas arrive less than the wait apart, the writer waits before
-    each batch, so many answers' deltas share a round trip and each answer's share one
-    entry; a lone, slow answer never waits (before: no wait, or a wait for every delta)."""
+    """Group commit: while two or more deltas are due within the wait, the writer waits
+    before each batch, so many answers' deltas share a round trip and each answer's share
+    one entry; a lone, slow answer never waits (before: no wait, or a wait for every
+    delta)."""
     wait_s = 0.3
     writer = StreamWriter(bus, wait_s * 1000, retry_seconds=5)
     lone_gid, fence = running(bus)
