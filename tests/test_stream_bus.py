@@ -176,6 +176,32 @@ def test_the_writer_appends_in_one_round_trip_and_survives_redis_forgetting_its_
         server.stop()
 
 
+def test_the_writer_keeps_its_connection_and_goes_on_when_redis_drops_it(bus, redis_client, caplog):
+    """The writer appends on a connection of its own, kept from batch to batch (redis-py's
+    pipeline took one from the pool and checked it for unread data every batch). When
+    Redis drops it (a restart, a proxy's idle timeout, CLIENT KILL), the next batch fails
+    on it, opens another, and is retried: the text is exact, nothing lost or doubled."""
+    writer = StreamWriter(bus, 0.0, retry_seconds=5)
+    gid, fence = running(bus)
+    box = Outbox(gid, fence)
+    writer.put(box, "one ")
+    assert writer.drain(box, timeout=10)
+    held = writer._held._conn
+    host, port = held._sock.getsockname()[:2]
+    for word in ("two ", "three "):
+        writer.put(box, word)
+        assert writer.drain(box, timeout=10)
+    assert writer._held._conn is held and held._sock is not None  # the same, still open
+    assert redis_client.client_kill(f"{host}:{port}")
+    for word in ("four ", "five "):
+        writer.put(box, word)
+        assert writer.drain(box, timeout=10)
+    assert "appending failed" in caplog.text  # the drop was seen, and the batch retried
+    assert not box.failed
+    assert "".join(texts(bus, gid)) == "one two three four five "
+    assert held._sock.getsockname()[1] != port  # a new connection
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_writer_whose_thread_died_starts_another_for_the_next_delta(bus):
     """A thread killed by a bug outside the write's own handling gets a successor at the

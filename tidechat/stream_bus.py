@@ -350,8 +350,9 @@ class StreamBus:
     ) -> str | None:
         """Append events as batch ``seq`` of this run, in one script call, at most once.
 
-        Returns the last id, ``STOPPED`` or ``GONE`` (see ``_APPEND``). With ``pipe``, the
-        call is queued there and its reply comes from ``pipe.execute()``.
+        Returns the last id, ``STOPPED`` or ``GONE`` (see ``_APPEND``). With ``pipe`` (a
+        pipeline: anything with redis-py's ``execute_command``), the call is queued there
+        and its reply comes from ``pipe.execute()``.
         """
         k = self.k(gid)
         keys, args = [k.stream, k.meta], [fence, seq, *(part for pair in events for part in pair)]
@@ -360,7 +361,7 @@ class StreamBus:
         # A bare EVALSHA: redis-py's Script in a pipeline first asks the server whether
         # the script exists, one more round trip per execute. A server that lost its
         # scripts (a restart) answers NoScriptError: load_scripts(), then run it again.
-        pipe.evalsha(self._append.sha, len(keys), *keys, *args)
+        pipe.execute_command("EVALSHA", self._append.sha, len(keys), *keys, *args)
         return None
 
     def load_scripts(self, client: Any) -> None:
