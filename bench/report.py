@@ -40,6 +40,12 @@ CAPACITY_COLUMNS = (
     ("cpu_us_per_token", "CPU µs/tok web/worker/redis"),
     ("cpu_ratio", "CPU/tok vs proxy"),
 )
+BURST_COLUMNS = (
+    ("streams", "burst of"),
+    ("target", "target"),
+    ("ttft_p50_ms", "TTFT+ p50 ms, each burst"),
+    ("median_ms", "median ms"),
+)
 IDLE_COLUMNS = (
     ("clients", "idle clients"),
     ("target", "target"),
@@ -134,6 +140,10 @@ def tables(result: dict) -> str:
     parts = [markdown_table(with_ratios(result["streams"]), STREAM_COLUMNS)]
     if result.get("capacity"):
         parts.append(markdown_table(with_ratios(result["capacity"]), CAPACITY_COLUMNS))
+    if result.get("bursts"):
+        rows = [{**b, "ttft_p50_ms": " / ".join(map(_cell, b["ttft_p50_ms"]))}
+                for b in result["bursts"]]  # fmt: skip
+        parts.append(markdown_table(rows, BURST_COLUMNS))
     if result.get("idle"):
         parts.append(markdown_table(idle_rows(result["idle"]), IDLE_COLUMNS))
     return "\n\n".join(parts)
@@ -159,7 +169,8 @@ def targets(result: dict) -> list[dict]:
             _check("tok/s >= 0.8 x proxy at every level and capacity", ratios, "proxy = 1.0",
                    all(v is not None and v >= 0.8 for v in ratios.values())),
         ]  # fmt: skip
-        checks += _ttft_checks(tc, px)
+        checks += _ttft_checks(_first_tokens(tc, result.get("bursts", []), "tidechat"),
+                               _first_tokens(px, result.get("bursts", []), "proxy"))  # fmt: skip
         if 1 in tc:
             p50 = tc[1]["relay_p50_ms"]
             checks.append(
@@ -175,21 +186,25 @@ def targets(result: dict) -> list[dict]:
     return checks
 
 
+def _first_tokens(levels: dict, bursts: list[dict], target: str) -> dict[int, Any]:
+    """A target's TTFT overhead p50 by burst size: the median of its repeated bursts where
+    the run has them (a result from before them: its stream level's, one burst)."""
+    out = {n: r["ttft_overhead_p50_ms"] for n, r in levels.items()}
+    out.update({b["streams"]: b["median_ms"] for b in bursts if b["target"] == target})
+    return out
+
+
 def _ttft_checks(tc: dict, px: dict) -> list[dict]:
     """TTFT overhead p50: <= 25 ms at a burst of 10, <= 2 x the proxy's at a burst of 100."""
     checks = []
     if 10 in tc:
-        v = tc[10]["ttft_overhead_p50_ms"]
+        v = tc[10]
         checks.append(
-            _check(
-                "TTFT overhead p50 <= 25 ms at a burst of 10",
-                v,
-                px.get(10, {}).get("ttft_overhead_p50_ms"),
-                v is not None and v <= 25,
-            )
-        )
+            _check("TTFT overhead p50 <= 25 ms at a burst of 10", v, px.get(10),
+                   v is not None and v <= 25)
+        )  # fmt: skip
     if 100 in tc and 100 in px:
-        v, base = tc[100]["ttft_overhead_p50_ms"], px[100]["ttft_overhead_p50_ms"]
+        v, base = tc[100], px[100]
         checks.append(
             _check(
                 "TTFT overhead p50 <= 2 x proxy at a burst of 100",

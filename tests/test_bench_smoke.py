@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench.__main__ import main
+from bench.harness import TARGETS
 from tests.stack import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -41,6 +42,13 @@ def test_quick_bench_writes_a_result(tmp_path: Path, redis_url: str) -> None:
             "redis_cmds_per_token", "web_redis_conns", "model_peak_streams", "errors",
         }  # fmt: skip
         assert row["tokens"] > 0
+    # Bursts run again and again, the targets taking turns: each burst's first-token
+    # overhead, and the median the TTFT targets are judged by.
+    bursts = written["bursts"]
+    assert [(b["streams"], b["target"]) for b in bursts] == [(5, t) for t in TARGETS]
+    for burst in bursts:
+        assert len(burst["ttft_p50_ms"]) == 2 and None not in burst["ttft_p50_ms"]
+        assert min(burst["ttft_p50_ms"]) <= burst["median_ms"] <= max(burst["ttft_p50_ms"])
     assert [s["target"] for s in written["idle"]] == ["proxy", "tidechat"]
     assert all("rss_per_client_kb" in p for s in written["idle"] for p in s["levels"])
     assert result["targets"]
