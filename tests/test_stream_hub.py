@@ -11,7 +11,7 @@ from collections.abc import Callable
 import redis
 
 from tidechat.redis_keys import RedisKeys
-from tidechat.stream_bus import DELTA, StreamBus, dumps
+from tidechat.stream_bus import DELTA, DONE, StreamBus, dumps
 from tidechat.stream_hub import StreamHub, Subscription
 
 DATA = re.compile(rb"^data: (.*)$", re.M)
@@ -23,7 +23,7 @@ def text_of(sub: Subscription, chars: int, timeout: float = 5) -> str:
     while len(text) < chars and time.monotonic() < deadline:
         got = sub.get(0.2)
         if got is not None:
-            text += "".join(json.loads(d)["text"] for d in DATA.findall(got[0]))
+            text += "".join(json.loads(d).get("text", "") for d in DATA.findall(got[0]))
     return text
 
 
@@ -121,5 +121,90 @@ def test_the_reader_cut_off_mid_read_reconnects_and_goes_on_exactly(
         append(3)
         assert text_of(sub, 6, timeout=10) == "t2 t3 "
         assert sub.get(0.3) is None
+    finally:
+        hub.stop()
+
+
+def test_a_reader_watching_many_streams_reads_those_that_moved_exactly(
+    redis_url, redis_client, key_prefix
+):
+    """Past ``direct_max`` watched streams the reader blocks on the moved stream and reads
+    only the streams named there. With a reap interval far longer than the test (no full
+    read to fall back on), every delta and end still arrives once, for clients that came
+    before, during and after the switch, from the start and from a cursor."""
+    keys = RedisKeys(key_prefix + "hub-moved:")
+    bus = StreamBus(redis_client, keys, stream_ttl=60)
+    streams = [_stream_of(bus) for _ in range(12)]
+    firsts = [append(1) for _, append in streams]
+    hub = StreamHub(redis_url, keys, 60, block_ms=200, reap_interval=60, direct_max=4)
+    try:
+        subs = []
+        for (gid, append), first in zip(streams, firsts, strict=True):
+            subs.append((hub.subscribe(gid), hub.subscribe(gid, first)))
+            append(2)
+            time.sleep(0.01)
+        for _, append in streams:
+            append(3)
+        for whole, rest in subs:
+            assert text_of(whole, 9) == "t1 t2 t3 "
+            assert text_of(rest, 6) == "t2 t3 "
+        assert hub._moved_cursor is not None  # the reader did follow the moved stream
+        for gid, append in streams[:6]:
+            append(4)
+            bus.finish(gid, DONE, {"finish_reason": "stop"}, "done", 1)
+        for (whole, rest), ended in zip(subs, [True] * 6 + [False] * 6, strict=True):
+            assert text_of(whole, 3 if ended else 1, timeout=5 if ended else 0.5) == (
+                "t4 " if ended else ""
+            )
+            assert (whole.status == "ended") is ended and (rest.status == "ended") is ended
+            assert text_of(rest, 3, timeout=1) == ("t4 " if ended else "")
+    finally:
+        hub.stop()
+
+
+def test_a_stream_whose_moved_hint_is_lost_is_still_read_within_a_reap_interval(
+    redis_url, redis_client, key_prefix
+):
+    """The moved stream is capped: a reader far behind may find a hint trimmed away. An
+    entry with no hint (written past the scripts) still arrives at the next full read,
+    once, and the streams with hints are not held up meanwhile."""
+    keys = RedisKeys(key_prefix + "hub-lost:")
+    bus = StreamBus(redis_client, keys, stream_ttl=60)
+    streams = [_stream_of(bus) for _ in range(3)]
+    for _, append in streams:
+        append(1)
+    hub = StreamHub(redis_url, keys, 60, block_ms=200, reap_interval=1.0, direct_max=1)
+    try:
+        subs = [hub.subscribe(gid) for gid, _ in streams]
+        assert all(text_of(sub, 3) == "t1 " for sub in subs)
+        unhinted = keys.generation(streams[0][0]).stream
+        redis_client.xadd(unhinted, {"event": DELTA, "data": dumps({"text": "t2 "})})
+        streams[1][1](2)
+        assert text_of(subs[1], 3, timeout=0.8) == "t2 "  # its hint: at once
+        assert text_of(subs[0], 3, timeout=3) == "t2 "  # no hint: at the full read
+        assert subs[0].get(1.5) is None and subs[2].get(0) is None
+    finally:
+        hub.stop()
+
+
+def test_a_stream_that_moved_more_than_one_read_holds_is_read_to_its_end(
+    redis_url, redis_client, key_prefix
+):
+    """One append (one hint) of more entries than the reader's COUNT: the reader reads
+    that stream again until it has them all, rather than waiting for a next hint."""
+    keys = RedisKeys(key_prefix + "hub-count:")
+    bus = StreamBus(redis_client, keys, stream_ttl=60)
+    streams = [_stream_of(bus) for _ in range(2)]
+    for _, append in streams:
+        append(1)
+    hub = StreamHub(redis_url, keys, 60, block_ms=200, reap_interval=60, read_count=2,
+                    direct_max=1)  # fmt: skip
+    try:
+        subs = [hub.subscribe(gid) for gid, _ in streams]
+        assert all(text_of(sub, 3) == "t1 " for sub in subs)
+        gid = streams[0][0]
+        bus.append(gid, 1, 2, [(DELTA, dumps({"text": f"u{n} "})) for n in range(7)])
+        assert text_of(subs[0], 21, timeout=3) == "u0 u1 u2 u3 u4 u5 u6 "
+        assert subs[0].get(0.3) is None
     finally:
         hub.stop()

@@ -109,6 +109,9 @@ DEFAULTS: dict[str, Any] = {
     # a read costs in proportion to the streams it names, so this bounds what reading costs
     # (0.5 ms between reads at 100 streams, 5 ms at 1000; nothing to notice at a few).
     "HUB_PACE_US": 5.0,
+    # Past this many watched streams the reader blocks on the moved stream, where each
+    # append names its stream, and reads only those (an XREAD costs Redis per stream named).
+    "HUB_DIRECT_MAX": 64,
     "REAP_INTERVAL": 2.0,  # seconds between checks for generations whose worker died
     # Faults and deploys
     "REDIS_RETRY_SECONDS": 30.0,  # how long a worker retries a Redis write before failing

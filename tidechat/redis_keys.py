@@ -11,6 +11,9 @@ Per generation ``<gid>``:
                            end leaves them);
 - ``<p>gen:<gid>:lease``   the fence of the worker holding it (TTL, renewed);
 - ``<p>gen:<gid>:cancel``  set when the owner asks to stop.
+Per bucket of generations (one on a single server):
+- ``<p>hub:moved``         a capped stream: the stream key of each append or end, so a hub
+                           watching many streams reads only those that moved.
 Channels:
 - ``<p>cancel``            pub/sub: a generation id, published when its owner asks to stop.
 Process-wide:
@@ -34,8 +37,8 @@ On a Redis Cluster (``buckets`` > 0) a multi-key command or script must keep to 
 slot, so the names carry hash tags:
 - each generation's keys carry its bucket's tag ``{b<n>}`` (n = CRC32 of the id modulo
   ``buckets``): its scripts touch one slot, and the streams of one bucket can be read by one
-  multi-key ``XREAD`` (the hub runs one reader per bucket; each web process's hub wake
-  streams carry the same tags);
+  multi-key ``XREAD`` (the hub runs one reader per bucket; the bucket's moved stream
+  and each web process's hub wake streams carry the same tags);
 - every app-wide key (the ``<p>`` names above that are not per generation, and Celery's)
   carries the tag ``{<p>}``: they sit together on one shard, so losing another shard
   only touches the answers whose buckets it served.
@@ -53,6 +56,7 @@ class GenerationKeys:
     meta: str
     lease: str
     cancel: str
+    moved: str  # its bucket's moved stream (see above)
 
 
 @dataclass(frozen=True)
@@ -76,13 +80,18 @@ class RedisKeys:
         return f"{{b{bucket}}}:" if self.buckets else ""
 
     def generation(self, gid: str) -> GenerationKeys:
-        base = f"{self.prefix}gen:{self._tag(self.bucket(gid))}{gid}:"
+        bucket = self.bucket(gid)
+        base = f"{self.prefix}gen:{self._tag(bucket)}{gid}:"
         return GenerationKeys(
             stream=base + "stream",
             meta=base + "meta",
             lease=base + "lease",
             cancel=base + "cancel",
+            moved=self.moved(bucket),
         )
+
+    def moved(self, bucket: int = 0) -> str:
+        return f"{self.prefix}hub:{self._tag(bucket)}moved"
 
     def cancel_channel(self) -> str:
         return f"{self._app}cancel"

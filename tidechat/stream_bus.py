@@ -83,7 +83,11 @@ if KEYS[3] and fence == 1 then redis.call('HINCRBY', KEYS[3], ARGV[4], 1) end
 return {fence, tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')}
 """
 
-# KEYS: stream, meta | ARGV: fence, seq, event, data, event, data, ...
+# Every script that adds to a generation's stream also adds the stream's key to its bucket's
+# moved stream (capped at about 10,000: only a hint), so that a hub watching many streams
+# reads those that moved instead of naming them all (tidechat/stream_hub.py).
+
+# KEYS: stream, meta, moved | ARGV: fence, seq, event, data, event, data, ...
 # -> the last id; the current last id if this seq was already appended (a retry after a
 # partial failure); "stopped" if the generation is no longer this writer's (cancelled
 # before it started, reaped, handed on); "gone" if Redis lost its state.
@@ -100,10 +104,11 @@ for i = 3, #ARGV, 2 do
   last = redis.call('XADD', KEYS[1], '*', 'event', ARGV[i], 'data', ARGV[i + 1])
 end
 redis.call('HSET', KEYS[2], 'seq', ARGV[2])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 'k', KEYS[1])
 return last
 """
 
-# KEYS: stream, meta, lease, cancel | ARGV: event, data, final_state, ttl_s, mode, fence
+# KEYS: stream, meta, lease, cancel, moved | ARGV: event, data, final_state, ttl_s, mode, fence
 # mode "running": the worker holding this fence ends it;
 # mode "queued":  it ends before any worker started it (cancel, queue timeout, give-up);
 # mode "reap":    its worker's lease is gone (the worker died): a reader or the sweeper;
@@ -130,6 +135,7 @@ elseif mode == 'running' and redis.call('HGET', KEYS[2], 'fence') ~= ARGV[6] the
   return false
 end
 local id = redis.call('XADD', KEYS[1], '*', 'event', ARGV[1], 'data', ARGV[2])
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', 10000, '*', 'k', KEYS[1])
 local times = redis.call('HMGET', KEYS[2], 'started_at', 'queued_at', 'active')
 local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1][1]
 redis.call('HSET', KEYS[2], 'state', ARGV[3], 'terminal_id', id)
@@ -355,7 +361,8 @@ class StreamBus:
         and its reply comes from ``pipe.execute()``.
         """
         k = self.k(gid)
-        keys, args = [k.stream, k.meta], [fence, seq, *(part for pair in events for part in pair)]
+        keys = [k.stream, k.meta, k.moved]
+        args = [fence, seq, *(part for pair in events for part in pair)]
         if pipe is None:
             return _text(self._append(keys=keys, args=args))
         # A bare EVALSHA: redis-py's Script in a pipeline first asks the server whether
@@ -401,7 +408,7 @@ class StreamBus:
     ) -> str | None:
         k = self.k(gid)
         result = self._finish(
-            keys=[k.stream, k.meta, k.lease, k.cancel],
+            keys=[k.stream, k.meta, k.lease, k.cancel, k.moved],
             args=[event, dumps(payload), state, self.stream_ttl, mode, fence],
         )
         if not isinstance(result, list):

@@ -4,7 +4,10 @@ Each web process holds the same few Redis connections for all its SSE clients, h
 - the reader, which alone runs one multi-key ``XREAD BLOCK`` over every stream some client
   is watching (and the occasional XRANGE backfill and reap check; the pipelines that admit
   new clients take a second connection from the reader's pool, since redis-py runs a
-  pipeline on a pool connection even for a single-connection client);
+  pipeline on a pool connection even for a single-connection client). Past
+  ``direct_max`` streams it blocks on the bucket's moved stream instead, where every
+  append names its stream, and reads only the streams that moved: an XREAD costs Redis in
+  proportion to the streams it names;
 - the waker, which appends to this process's own wake stream so that the reader's blocking
   XREAD returns at once when a client subscribes.
 
@@ -164,6 +167,7 @@ class StreamHub:
         settle: Callable[[str], Entry | None] | None = None,
         bucket: int = 0,
         locate: Callable[[str, bool], tuple[str, int]] | None = None,
+        direct_max: int = 64,
     ) -> None:
         self.id = uuid.uuid4().hex
         self._name = f"tidechat-hub-{self.id[:8]}"
@@ -171,6 +175,12 @@ class StreamHub:
         self._bucket = bucket
         self._wake_key = keys.hub_wake(self.id, bucket)
         self._packed_wake_key = _bulk(self._wake_key)
+        self._moved_key = keys.moved(bucket)
+        self._packed_moved_key = _bulk(self._moved_key)
+        self._direct_max = direct_max
+        # Where the reader is in the moved stream; None while it names every stream itself.
+        self._moved_cursor: str | None = None
+        self._last_sweep = 0.0
         # On a cluster: which node serves this bucket's slot (again, after an error). The
         # reader talks to that node over a plain connection: redis-py's cluster client
         # would ask a node of its choice which keys each XREAD names, a round trip per
@@ -393,24 +403,82 @@ class StreamHub:
 
     def _read_once(self) -> None:
         with self._lock:
-            keys = [w.key for w in self._watched.values()]
-            cursors = [w.packed_cursor for w in self._watched.values()]
-        keys.append(self._packed_wake_key)
-        cursors.append(_bulk(self._wake_cursor))
+            watched = list(self._watched.values())
+        if len(watched) > self._direct_max:
+            self._read_moved(watched)
+        else:
+            self._moved_cursor = None
+            self._read_direct(watched)
+
+    def _read_direct(self, watched: list[_Watched]) -> None:
+        """One XREAD BLOCK naming every watched stream (and the wake stream)."""
+        keys = [w.key for w in watched]
+        cursors = [w.packed_cursor for w in watched]
+        started = time.monotonic()
+        reply = self._xread_blocking(keys, cursors, len(watched))
+        self._deliver_reply(reply)
+        self._pace(started, reply, len(watched))
+
+    def _read_moved(self, watched: list[_Watched]) -> None:
+        """Block on the moved stream, then read only the watched streams it names.
+
+        The moved stream is a capped hint. On entering this mode the reader takes its end
+        first, then reads every watched stream once, so an append before that is read
+        then and every later one is named after the cursor. It reads them all again every
+        reap interval: a hint trimmed away (the reader fell far behind) delays, never loses.
+        """
+        now = time.monotonic()
+        if self._moved_cursor is None or now - self._last_sweep >= self._reap_interval:
+            if self._moved_cursor is None:
+                last = self._reader.xrevrange(self._moved_key, count=1)
+                self._moved_cursor = last[0][0].decode() if last else "0-0"
+            self._last_sweep = now
+            self._deliver_reply(
+                self._xread([w.key for w in watched], [w.packed_cursor for w in watched])
+            )
+            return
+        started = time.monotonic()
+        reply = self._xread_blocking([self._packed_moved_key], [_bulk(self._moved_cursor)], 1)
+        moved: set[str] = set()
+        for raw_key, raw_entries in reply:
+            if raw_entries and raw_key.decode() == self._moved_key:
+                self._moved_cursor = raw_entries[-1][0].decode()
+                moved.update(_fields(f)[b"k"].decode() for _, f in raw_entries)
+        with self._lock:
+            targets = [self._watched[k] for k in moved if k in self._watched]
+        while targets:  # again for those that filled the read's COUNT: no hint may follow
+            targets = self._deliver_reply(
+                self._xread([w.key for w in targets], [w.packed_cursor for w in targets])
+            )
+        self._pace(started, reply, len(watched))
+
+    def _xread_blocking(self, keys: list[bytes], cursors: list[bytes], streams: int) -> list:
+        """XREAD BLOCK of ``keys`` and this process's wake stream, which ends the wait
+        when a client subscribes (its entries are consumed here)."""
         block = self._block_ms
-        if len(keys) > 1:
+        if streams:
             block = min(block, int(self._reap_interval * 1000))
         started = time.monotonic()
-        reply = self._xread(keys, cursors, block)
+        reply = self._xread([*keys, self._packed_wake_key], [*cursors, _bulk(self._wake_cursor)],
+                            block)  # fmt: skip
         now = time.monotonic()
         if now - started > block / 1000 + 2:  # Redis stalled (paused, swapping): an outage
             self._ok_since = now
         for raw_key, raw_entries in reply:
-            key = raw_key.decode()
+            if raw_entries and raw_key.decode() == self._wake_key:
+                self._wake_cursor = raw_entries[-1][0].decode()
+        return reply
+
+    def _deliver_reply(self, reply: list) -> list[_Watched]:
+        """Hand each watched stream's new entries to its subscribers; return the streams
+        that filled the read's COUNT (they may have more)."""
+        now = time.monotonic()
+        full = []
+        for raw_key, raw_entries in reply:
             if not raw_entries:
                 continue
-            if key == self._wake_key:
-                self._wake_cursor = raw_entries[-1][0].decode()
+            key = raw_key.decode()
+            if key in (self._wake_key, self._moved_key):
                 continue
             frames = [encode_entry(parse_entry(i, _fields(f))) for i, f in raw_entries]
             with self._lock:
@@ -422,19 +490,27 @@ class StreamHub:
                 subs = list(watched.subs)
             for sub in subs:
                 sub._deliver(frames)
-        rest = self._pace_s * len(keys) - (time.monotonic() - started)
+            if len(raw_entries) >= self._read_count:
+                full.append(watched)
+        return full
+
+    def _pace(self, started: float, reply: list, streams: int) -> None:
+        rest = self._pace_s * (streams + 1) - (time.monotonic() - started)
         if reply and rest > 0:  # one read per pace per stream at most: let more gather
             time.sleep(rest)
 
-    def _xread(self, keys: list[bytes], cursors: list[bytes], block: int) -> list:
-        """``XREAD COUNT n BLOCK ms STREAMS keys... cursors...``: [(key, [(id, fields)])].
+    def _xread(self, keys: list[bytes], cursors: list[bytes], block: int | None = None) -> list:
+        """``XREAD COUNT n [BLOCK ms] STREAMS keys... cursors...``: [(key, [(id, fields)])].
 
         Sent packed from each stream's key and cursor as packed when they last changed:
         redis-py would pack all 2N arguments again on every read, which with a thousand
         streams watched took most of a web process's CPU (py-spy, the bench's capacity).
         """
-        head = [b"*%d\r\n" % (6 + 2 * len(keys)), self._packed_count, _BLOCK, _bulk(str(block)),
-                _STREAMS]  # fmt: skip
+        if block is None:
+            head = [b"*%d\r\n" % (4 + 2 * len(keys)), self._packed_count, _STREAMS]
+        else:
+            head = [b"*%d\r\n" % (6 + 2 * len(keys)), self._packed_count, _BLOCK,
+                    _bulk(str(block)), _STREAMS]  # fmt: skip
         conn = self._reader.connection
         try:
             conn.send_packed_command([b"".join(head + keys + cursors)])

@@ -57,6 +57,7 @@ def _make_hub(app: Flask) -> StreamHub:
         block_ms=int(cfg["HUB_BLOCK_MS"]),
         read_count=int(cfg["HUB_READ_COUNT"]),
         pace_s=float(cfg["HUB_PACE_US"]) / 1e6,
+        direct_max=int(cfg["HUB_DIRECT_MAX"]),
         lease_ttl=float(cfg["LEASE_TTL"]),
         reap_interval=float(cfg["REAP_INTERVAL"]),
         reap=reap,
