@@ -110,8 +110,10 @@ DEFAULTS: dict[str, Any] = {
     # (0.5 ms between reads at 100 streams, 5 ms at 1000; nothing to notice at a few).
     "HUB_PACE_US": 5.0,
     # Past this many watched streams the reader blocks on the moved stream, where each
-    # append names its stream, and reads only those (an XREAD costs Redis per stream named).
-    "HUB_DIRECT_MAX": 64,
+    # append names its stream, and reads only those: an XREAD costs Redis per stream it
+    # names, the moved stream a second round trip per read (cheaper from about 300 streams;
+    # at 100, bursts of new answers got their first tokens later).
+    "HUB_DIRECT_MAX": 200,
     "REAP_INTERVAL": 2.0,  # seconds between checks for generations whose worker died
     # Faults and deploys
     "REDIS_RETRY_SECONDS": 30.0,  # how long a worker retries a Redis write before failing

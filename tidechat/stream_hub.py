@@ -167,7 +167,7 @@ class StreamHub:
         settle: Callable[[str], Entry | None] | None = None,
         bucket: int = 0,
         locate: Callable[[str, bool], tuple[str, int]] | None = None,
-        direct_max: int = 64,
+        direct_max: int = 200,
     ) -> None:
         self.id = uuid.uuid4().hex
         self._name = f"tidechat-hub-{self.id[:8]}"
