@@ -236,6 +236,7 @@ def test_odd_ids_are_404_without_a_query(client, app, bad_id):
             ("GET", "/api/generations/{}", None),
             ("POST", "/api/generations/{}/cancel", None),
             ("GET", "/api/generations/{}/events", None),
+            ("DELETE", "/api/keys/{}", None),
         ]:
             response = client.open(url.format(bad_id), method=method, json=body)
             error_of(response, 404, "not_found")

@@ -30,7 +30,7 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
-from tidechat import db, health
+from tidechat import db, health, hygiene
 from tidechat.errors import ApiError
 from tidechat.models import ApiKey, AuthSession, Conversation, Invite, User, new_id, utcnow
 
@@ -179,7 +179,8 @@ def api_keys(s: Session, owner: str) -> list[ApiKey]:
 
 
 def revoke_api_key(s: Session, owner: str, key_id: str) -> None:
-    key = s.get(ApiKey, key_id) if isinstance(key_id, str) and len(key_id) <= 32 else None
+    # Not an id of ours (e.g. NUL, which PostgreSQL refuses even in a lookup): no query.
+    key = s.get(ApiKey, key_id) if isinstance(key_id, str) and hygiene.is_id(key_id) else None
     if key is None or key.owner != owner or key.revoked_at is not None:
         raise ApiError(404, "not_found", "No such API key.")
     key.revoked_at = utcnow()
