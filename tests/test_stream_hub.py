@@ -73,16 +73,24 @@ def _stream_of(bus: StreamBus) -> tuple[str, Callable[[int], str]]:
     return gid, append
 
 
+def _streams_at_t1(
+    client: redis.Redis, prefix: str, n: int
+) -> tuple[RedisKeys, StreamBus, list[tuple[str, Callable[[int], str]]], list[str]]:
+    """``n`` running generations under ``prefix``, each with ``t1 `` appended: the keys,
+    the bus, each one's (gid, append) and the id of its ``t1``."""
+    keys = RedisKeys(prefix)
+    bus = StreamBus(client, keys, stream_ttl=60)
+    streams = [_stream_of(bus) for _ in range(n)]
+    return keys, bus, streams, [append(1) for _, append in streams]
+
+
 def test_a_paced_reader_delivers_every_entry_of_every_stream_once(
     redis_url, redis_client, key_prefix
 ):
     """The reader waits between reads in proportion to the streams it watches (here 10 ms
     each, so a read at most every 0.2 s): entries appended meanwhile arrive at the next
     read, none lost or doubled, for clients from the start and from a cursor."""
-    keys = RedisKeys(key_prefix + "hub-pace:")
-    bus = StreamBus(redis_client, keys, stream_ttl=60)
-    streams = [_stream_of(bus) for _ in range(20)]
-    firsts = [append(1) for _, append in streams]
+    keys, _, streams, firsts = _streams_at_t1(redis_client, key_prefix + "hub-pace:", 20)
     hub = StreamHub(redis_url, keys, 60, block_ms=200, reap_interval=0.2, pace_s=0.01)
     try:
         subs = [(hub.subscribe(gid), hub.subscribe(gid, first)) for (gid, _), first in
@@ -132,10 +140,7 @@ def test_a_reader_watching_many_streams_reads_those_that_moved_exactly(
     only the streams named there. With a reap interval far longer than the test (no full
     read to fall back on), every delta and end still arrives once, for clients that came
     before, during and after the switch, from the start and from a cursor."""
-    keys = RedisKeys(key_prefix + "hub-moved:")
-    bus = StreamBus(redis_client, keys, stream_ttl=60)
-    streams = [_stream_of(bus) for _ in range(12)]
-    firsts = [append(1) for _, append in streams]
+    keys, bus, streams, firsts = _streams_at_t1(redis_client, key_prefix + "hub-moved:", 12)
     hub = StreamHub(redis_url, keys, 60, block_ms=200, reap_interval=60, direct_max=4)
     try:
         subs = []
@@ -168,11 +173,7 @@ def test_a_stream_whose_moved_hint_is_lost_is_still_read_within_a_reap_interval(
     """The moved stream is capped: a reader far behind may find a hint trimmed away. An
     entry with no hint (written past the scripts) still arrives at the next full read,
     once, and the streams with hints are not held up meanwhile."""
-    keys = RedisKeys(key_prefix + "hub-lost:")
-    bus = StreamBus(redis_client, keys, stream_ttl=60)
-    streams = [_stream_of(bus) for _ in range(3)]
-    for _, append in streams:
-        append(1)
+    keys, _, streams, _ = _streams_at_t1(redis_client, key_prefix + "hub-lost:", 3)
     hub = StreamHub(redis_url, keys, 60, block_ms=200, reap_interval=1.0, direct_max=1)
     try:
         subs = [hub.subscribe(gid) for gid, _ in streams]
@@ -192,11 +193,7 @@ def test_a_stream_that_moved_more_than_one_read_holds_is_read_to_its_end(
 ):
     """One append (one hint) of more entries than the reader's COUNT: the reader reads
     that stream again until it has them all, rather than waiting for a next hint."""
-    keys = RedisKeys(key_prefix + "hub-count:")
-    bus = StreamBus(redis_client, keys, stream_ttl=60)
-    streams = [_stream_of(bus) for _ in range(2)]
-    for _, append in streams:
-        append(1)
+    keys, bus, streams, _ = _streams_at_t1(redis_client, key_prefix + "hub-count:", 2)
     hub = StreamHub(redis_url, keys, 60, block_ms=200, reap_interval=60, read_count=2,
                     direct_max=1)  # fmt: skip
     try:
