@@ -433,9 +433,7 @@ class StreamHub:
                 last = self._reader.xrevrange(self._moved_key, count=1)
                 self._moved_cursor = last[0][0].decode() if last else "0-0"
             self._last_sweep = now
-            self._deliver_reply(
-                self._xread([w.key for w in watched], [w.packed_cursor for w in watched])
-            )
+            self._read_to_end(watched)
             return
         started = time.monotonic()
         reply = self._xread_blocking([self._packed_moved_key], [_bulk(self._moved_cursor)], 1)
@@ -446,11 +444,16 @@ class StreamHub:
                 moved.update(_fields(f)[b"k"].decode() for _, f in raw_entries)
         with self._lock:
             targets = [self._watched[k] for k in moved if k in self._watched]
-        while targets:  # again for those that filled the read's COUNT: no hint may follow
+        self._read_to_end(targets)
+        self._pace(started, reply, len(watched))
+
+    def _read_to_end(self, targets: list[_Watched]) -> None:
+        """Read ``targets`` without blocking, again for those that filled the read's COUNT
+        (no hint may follow for what they still hold)."""
+        while targets:
             targets = self._deliver_reply(
                 self._xread([w.key for w in targets], [w.packed_cursor for w in targets])
             )
-        self._pace(started, reply, len(watched))
 
     def _xread_blocking(self, keys: list[bytes], cursors: list[bytes], streams: int) -> list:
         """XREAD BLOCK of ``keys`` and this process's wake stream, which ends the wait
