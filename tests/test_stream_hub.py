@@ -181,11 +181,8 @@ def test_a_stream_whose_moved_hint_is_lost_is_still_read_within_a_reap_interval(
     all of them though they fill several reads' COUNT, once; and the streams with hints
     are not held up meanwhile."""
     keys, _, streams, _ = _streams_at_t1(redis_client, key_prefix + "hub-lost:", 3)
-    hub = StreamHub(redis_url, keys, 60, block_ms=200, reap_interval=1.0, read_count=2,
-                    direct_max=1)  # fmt: skip
+    hub, subs = _hub_following_moved(redis_url, keys, streams, reap_interval=1.0)
     try:
-        subs = [hub.subscribe(gid) for gid, _ in streams]
-        assert all(text_of(sub, 3) == "t1 " for sub in subs)
         unhinted = keys.generation(streams[0][0]).stream
         for n in range(5):
             redis_client.xadd(unhinted, {"event": DELTA, "data": dumps({"text": f"u{n} "})})
@@ -204,14 +201,25 @@ def test_a_stream_that_moved_more_than_one_read_holds_is_read_to_its_end(
     """One append (one hint) of more entries than the reader's COUNT: the reader reads
     that stream again until it has them all, rather than waiting for a next hint."""
     keys, bus, streams, _ = _streams_at_t1(redis_client, key_prefix + "hub-count:", 2)
-    hub = StreamHub(redis_url, keys, 60, block_ms=200, reap_interval=60, read_count=2,
-                    direct_max=1)  # fmt: skip
+    hub, subs = _hub_following_moved(redis_url, keys, streams, reap_interval=60)
     try:
-        subs = [hub.subscribe(gid) for gid, _ in streams]
-        assert all(text_of(sub, 3) == "t1 " for sub in subs)
         gid = streams[0][0]
         bus.append(gid, 1, 2, [(DELTA, dumps({"text": f"u{n} "})) for n in range(7)])
         assert text_of(subs[0], 21, timeout=3) == "u0 u1 u2 u3 u4 u5 u6 "
         assert subs[0].get(0.3) is None
     finally:
         hub.stop()
+
+
+def _hub_following_moved(
+    redis_url: str, keys: RedisKeys, streams: list, reap_interval: float
+) -> tuple[StreamHub, list[Subscription]]:
+    """A hub that follows the moved stream from its second stream, two entries per read,
+    and a subscription from the start to each stream, which has delivered its ``t1``."""
+    hub = StreamHub(redis_url, keys, 60, block_ms=200, reap_interval=reap_interval,
+                    read_count=2, direct_max=1)  # fmt: skip
+    subs = [hub.subscribe(gid) for gid, _ in streams]
+    if not all(text_of(sub, 3) == "t1 " for sub in subs):
+        hub.stop()
+        raise AssertionError("the streams' first entries did not arrive")
+    return hub, subs
