@@ -481,7 +481,7 @@ class StreamHub:
             if not raw_entries:
                 continue
             key = raw_key.decode()
-            if key in (self._wake_key, self._moved_key):
+            if key == self._wake_key:  # (read by _xread_blocking)
                 continue
             frames = [encode_entry(parse_entry(i, _fields(f))) for i, f in raw_entries]
             with self._lock:
