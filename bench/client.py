@@ -7,8 +7,9 @@ Two modes (the harness runs one or more of these processes per level):
   POST a message and read the generation's SSE stream; for ``v1`` (the OpenAI-compatible
   door): make an API key (before the clock starts), then ``POST /v1/responses`` with
   ``stream`` and ``background`` and read the Responses events it answers with; for the
-  proxy: POST ``/stream`` and read it. For every token the model stamped (its text is the
-  ``time.time_ns()`` it was written at) the client records receive time minus stamp.
+  proxy and the bare relay: POST ``/stream`` and read it. For every token the model stamped
+  (its text is the ``time.time_ns()`` it was written at) the client records receive time
+  minus stamp.
   Writes a JSON result to ``--out``.
 - ``idle``: opens SSE connections to silent generations (``bench-idle``) up to each level,
   printing a JSON line per level and waiting for a line on stdin before going on, so the
@@ -352,7 +353,7 @@ async def run_idle(target: str, url: str, levels: list[int], generations: int) -
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="benchmark load generator")
     parser.add_argument("mode", choices=["streams", "idle"])
-    parser.add_argument("--target", choices=["tidechat", "v1", "proxy"], required=True)
+    parser.add_argument("--target", choices=["tidechat", "v1", "proxy", "bare"], required=True)
     parser.add_argument("--url", required=True)
     parser.add_argument("--streams", type=int, default=1)
     parser.add_argument("--model", default="bench-n100-r50-t50")

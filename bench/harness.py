@@ -1,10 +1,10 @@
 """The benchmark run: start both stacks, sweep the load levels, collect every figure.
 
 ``run(options)`` is the entry point (``python -m bench`` parses the command line into
-``Options``). Stream levels alternate between the targets (the direct proxy, Tidechat's
-page path, Tidechat's ``/v1/responses``) so all see the same background noise; the
-worker-capacity level and the idle sweep (proxy and page path only) follow. The result
-is one JSON-able dict.
+``Options``). Stream levels alternate between the targets (the direct proxy, the bare
+relay, Tidechat's page path, Tidechat's ``/v1/responses``) so all see the same background
+noise; the worker-capacity level and the idle sweep (proxy and page path only) follow. The
+result is one JSON-able dict.
 """
 
 from __future__ import annotations
@@ -32,15 +32,24 @@ import redis
 
 from bench import metrics
 from bench.limits import raise_nofile
-from bench.procs import ROOT, Proc, start_gunicorn, start_model_server, start_worker
+from bench.procs import (
+    ROOT,
+    Proc,
+    start_bare_worker,
+    start_gunicorn,
+    start_model_server,
+    start_worker,
+)
 from bench.redis_cluster import RedisCluster3
 from tidechat import limits
 
 OUTPUT = ROOT / "bench" / "output"
-TARGETS = tuple(os.environ.get("BENCH_TARGETS", "proxy,tidechat,v1").split(","))
+TARGETS = tuple(os.environ.get("BENCH_TARGETS", "proxy,bare,tidechat,v1").split(","))
 # ``tidechat`` is the page's path (POST a message, then GET its events); ``v1`` is the
 # OpenAI-compatible one (POST /v1/responses, stream + background) on the same web process.
-WEB = {"proxy": "proxy", "tidechat": "tidechat", "v1": "tidechat"}
+# ``proxy`` and ``bare`` are the two baselines: model -> client in one process, and the
+# mission's hops (worker, Redis Stream, web) with nothing else (bench/bare_relay.py).
+WEB = {"proxy": "proxy", "bare": "bare", "tidechat": "tidechat", "v1": "tidechat"}
 IDLE_TARGETS = tuple(t for t in TARGETS if t in ("proxy", "tidechat"))
 
 
@@ -182,8 +191,8 @@ class Stack:
         }
 
     def start(self, proxy: bool = True) -> Stack:
-        """The model server, Tidechat's worker and web process, and (``proxy``) the direct
-        proxy they are measured against."""
+        """The model server, Tidechat's worker and web process, and (``proxy``) the
+        baselines they are measured against: the direct proxy and the bare relay."""
         from tidechat import db
 
         self.redis.ping()
@@ -201,6 +210,11 @@ class Stack:
         if proxy:
             self.procs["proxy"] = start_gunicorn(
                 "proxy", "bench.proxy:create_app()", env, self.rundir, "/health"
+            )
+        if proxy and "bare" in TARGETS:
+            self.procs["bare_worker"] = start_bare_worker(env, self.rundir)
+            self.procs["bare"] = start_gunicorn(
+                "bare", "bench.bare_relay:create_app()", env, self.rundir, "/health"
             )
         return self
 

@@ -139,6 +139,15 @@ def start_worker(
     return proc
 
 
+def start_bare_worker(env: dict[str, str], logdir: Path) -> Proc:
+    """The bare relay's worker process (``bench/bare_relay.py``)."""
+    from bench.bare_relay import READY_LINE
+
+    proc = spawn("bare_worker", [sys.executable, "-m", "bench.bare_relay"], env, logdir)
+    wait_for(lambda: READY_LINE in proc.output(), proc, "bare relay worker")
+    return proc
+
+
 def start_gunicorn(
     name: str, app: str, env: dict[str, str], logdir: Path, probe: str, workers: int = 1
 ) -> Proc:

@@ -57,9 +57,11 @@ IDLE_COLUMNS = (
 )
 
 
-# Each target's web process (the CPU column's first figure): /v1 is served by Tidechat's.
+# Each target's web process (the CPU column's first figure): /v1 is served by Tidechat's;
+# and its worker process (the second): the bare relay has its own.
 WEB = {"v1": "tidechat"}
-COLORS = {"proxy": "tab:gray", "tidechat": "tab:blue", "v1": "tab:orange"}
+WORKER = {"bare": "bare_worker"}
+COLORS = {"proxy": "tab:gray", "bare": "tab:green", "tidechat": "tab:blue", "v1": "tab:orange"}
 
 
 # The relay's own processes: what a delivered token costs (the model server and the load
@@ -76,7 +78,7 @@ def cpu_per_token(row: dict) -> dict[str, float] | None:
     proxy = row["target"] == "proxy"
     seconds = {
         "web": cpu.get(WEB.get(row["target"], row["target"]), 0.0),
-        "worker": 0.0 if proxy else cpu.get("worker", 0.0),
+        "worker": 0.0 if proxy else cpu.get(WORKER.get(row["target"], "worker"), 0.0),
         "redis": 0.0 if proxy else cpu.get("redis", 0.0),  # (the proxy uses no Redis)
     }
     out = {name: round(v * 1e6 / tokens, 1) for name, v in seconds.items()}
@@ -108,7 +110,8 @@ def with_ratios(rows: list[dict]) -> list[dict]:
             if row.get(f"{hop}_p50_ms") is not None:
                 row[f"{hop}_p50_ms"] = f"{row[f'{hop}_p50_ms']} / {row[f'{hop}_p99_ms']}"
         row["cpu"] = "/".join(
-            str(v) for v in (web, cpu.get("worker", "-") if row["target"] != "proxy" else "-",
+            str(v) for v in (web, "-" if row["target"] == "proxy"
+                             else cpu.get(WORKER.get(row["target"], "worker"), "-"),
                              cpu.get("model", ""), cpu.get("redis", ""), cpu.get("clients", ""))
         )  # fmt: skip
         out.append(row)

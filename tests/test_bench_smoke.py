@@ -27,12 +27,15 @@ def test_quick_bench_writes_a_result(tmp_path: Path, redis_url: str) -> None:
     written = json.loads((tmp_path / "latest.json").read_text())
     assert (tmp_path / "latest.png").stat().st_size > 0
     assert set(written) >= {"options", "machine", "streams", "capacity", "idle", "targets"}
-    assert {r["target"] for r in written["streams"]} == {"proxy", "tidechat", "v1"}
-    # The /v1/responses path (stream + background) at every level, every stream complete.
-    v1 = [r for r in written["streams"] if r["target"] == "v1"]
-    assert [r["streams"] for r in v1] == [1, 5]
-    v1 += [r for r in written["capacity"] if r["target"] == "v1"]
-    for row in v1:
+    assert {r["target"] for r in written["streams"]} == {"proxy", "bare", "tidechat", "v1"}
+    # The /v1/responses path (stream + background) and the bare relay (the baseline of
+    # the mission's hops) at every level, every stream complete.
+    for target in ("v1", "bare"):
+        assert [r["streams"] for r in written["streams"] if r["target"] == target] == [1, 5]
+    rows = written["streams"] + written["capacity"]
+    complete = [r for r in rows if r["target"] in ("v1", "bare")]
+    assert len(complete) == 6
+    for row in complete:
         assert row["errors"] == 0, row["error_samples"]
         assert row["completed"] == row["streams"]
         assert row["tokens"] == row["streams"] * row["tokens_per_stream"]

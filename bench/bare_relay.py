@@ -1,0 +1,153 @@
+"""A second baseline: the mission's hops, with nothing else on them.
+
+The model → a worker process → a Redis Stream per answer → a web process → SSE, as
+Tidechat relays a token, but none of what Tidechat does besides: no Celery (a job is an
+``LPUSH``), no database, no ownership, limits, leases, resume cursors or metrics; one
+``XADD`` per delta and one blocking ``XREAD`` per client. The model is read exactly as the
+proxy and Tidechat's worker read it (``worker.model_client``) and the wire is the proxy's,
+so the three differ only in what lies between the model and the client.
+
+Where the proxy is the floor of any relay, this is the floor of the mission's shape (two
+processes and Redis per token). ``docs/benchmarks.md`` measures Tidechat against both.
+
+Web: ``gunicorn -c gunicorn.conf.py 'bench.bare_relay:create_app()'``.
+Worker: ``python -m bench.bare_relay`` (a gevent process). Both read ``REDIS_URL``,
+``OPENAI_BASE_URL`` and ``TIDECHAT_KEY_PREFIX`` (the bench run's key prefix).
+"""
+
+if __name__ == "__main__":  # the worker: gevent patches the standard library first
+    from gevent import monkey
+
+    monkey.patch_all()
+
+# ruff: noqa: E402
+import os
+import ssl
+import sys
+import uuid
+from collections.abc import Iterator
+
+import gevent
+import httpx
+import openai
+import orjson
+import redis
+from flask import Flask, Response, request
+
+from tidechat.sse import ServerSentEvent
+from tidechat.stream_bus import dumps
+from worker import model_client
+
+READY_LINE = "bare relay worker ready"
+BLOCK_MS = 30_000
+TTL_S = 600
+MAX_CONNECTIONS = 20_000
+RETRY = ServerSentEvent(retry=1000).encode()
+
+
+def _keys() -> tuple[str, str]:
+    """The job list, and the prefix of each answer's stream."""
+    prefix = os.environ.get("TIDECHAT_KEY_PREFIX", "") + "bare:"
+    return prefix + "jobs", prefix + "answer:"
+
+
+def _redis() -> redis.Redis:
+    # One connection per blocked XREAD (or per answer's XADD in flight): the pool grows with
+    # the clients, there is no hub (redis-py's default cap is 100). No socket timeout: its
+    # reads block (redis-py's default of 5 s would cut them).
+    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    return redis.Redis.from_url(url, socket_timeout=None, max_connections=MAX_CONNECTIONS)
+
+
+def create_app() -> Flask:
+    app = Flask(__name__)
+    r = _redis()
+    jobs, answer = _keys()
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"ok": True}
+
+    @app.post("/stream")
+    def stream() -> Response:
+        model = str((request.get_json(silent=True) or {}).get("model", ""))
+        key = answer + uuid.uuid4().hex
+        r.lpush(jobs, dumps({"key": key, "model": model}))
+        return Response(tail(r, key), mimetype="text/event-stream", direct_passthrough=True)
+
+    return app
+
+
+def tail(r: redis.Redis, key: str) -> Iterator[bytes]:
+    """The answer's events from its stream's start: every entry one blocking ``XREAD``
+    returns goes out in one write."""
+    yield RETRY
+    cursor: bytes | str = "0-0"
+    while True:
+        reply = r.xread({key: cursor}, block=BLOCK_MS)
+        if not reply:
+            yield b": ping\n\n"
+            continue
+        frames, ended = [], False
+        for eid, fields in reply[0][1]:
+            cursor = eid
+            if b"t" in fields:
+                data = dumps({"text": fields[b"t"].decode()})
+                frames.append(ServerSentEvent(id=eid.decode(), event="delta", data=data))
+            else:
+                event = "done" if b"done" in fields else "error"
+                data = fields[event.encode()].decode()
+                frames.append(ServerSentEvent(id=eid.decode(), event=event, data=data))
+                ended = True
+        yield b"".join(frame.encode() for frame in frames)
+        if ended:
+            return
+
+
+def work() -> None:
+    """Take jobs one by one, each answer in a greenlet of its own."""
+    r = _redis()
+    jobs, _ = _keys()
+
+    def make(verify: ssl.SSLContext) -> openai.OpenAI:
+        return openai.OpenAI(
+            api_key=os.environ.get("OPENAI_API_KEY") or "not-needed",
+            base_url=os.environ["OPENAI_BASE_URL"],
+            max_retries=0,
+            http_client=openai.DefaultHttpxClient(
+                verify=verify,
+                limits=httpx.Limits(max_connections=20_000, max_keepalive_connections=1000),
+            ),
+        )
+
+    clients = model_client.ClientShards(make)
+    print(READY_LINE, flush=True)
+    while True:
+        _, job = r.brpop([jobs])
+        gevent.spawn(relay, r, clients, job)
+
+
+def relay(r: redis.Redis, clients: model_client.ClientShards, job: bytes) -> None:
+    """One answer: each delta one ``XADD``, then its end."""
+    spec = orjson.loads(job)
+    key, finish = spec["key"], None
+    request = model_client.Request(spec["model"], [{"role": "user", "content": "Hi"}])
+    try:
+        with clients.lend() as client, model_client.open_stream(client, request) as upstream:
+            for event in model_client.events(upstream):
+                if isinstance(event, model_client.TextDelta):
+                    r.xadd(key, {"t": event.text})
+                elif isinstance(event, model_client.Finish):
+                    finish = event.reason
+        end = {"done": dumps({"finish_reason": finish, "usage": None})}
+    except Exception as exc:  # noqa: BLE001 (its client must see an end, never hang)
+        error = model_client.classify(exc)
+        end = {"error": dumps(error.payload())}
+    with r.pipeline(transaction=False) as pipe:
+        pipe.xadd(key, end)
+        pipe.expire(key, TTL_S)
+        pipe.execute()
+
+
+if __name__ == "__main__":
+    sys.exit(work())
