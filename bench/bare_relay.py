@@ -22,18 +22,16 @@ if __name__ == "__main__":  # the worker: gevent patches the standard library fi
 
 # ruff: noqa: E402
 import os
-import ssl
 import sys
 import uuid
 from collections.abc import Iterator
 
 import gevent
-import httpx
-import openai
 import orjson
 import redis
-from flask import Flask, Response, request
+from flask import Flask
 
+from bench import proxy
 from tidechat.sse import ServerSentEvent
 from tidechat.stream_bus import dumps
 from worker import model_client
@@ -60,22 +58,15 @@ def _redis() -> redis.Redis:
 
 
 def create_app() -> Flask:
-    app = Flask(__name__)
     r = _redis()
     jobs, answer = _keys()
 
-    @app.get("/health")
-    def health() -> dict:
-        return {"ok": True}
-
-    @app.post("/stream")
-    def stream() -> Response:
-        model = str((request.get_json(silent=True) or {}).get("model", ""))
+    def start(model: str) -> Iterator[bytes]:
         key = answer + uuid.uuid4().hex
         r.lpush(jobs, dumps({"key": key, "model": model}))
-        return Response(tail(r, key), mimetype="text/event-stream", direct_passthrough=True)
+        return tail(r, key)
 
-    return app
+    return proxy.stream_app(__name__, start)
 
 
 def tail(r: redis.Redis, key: str) -> Iterator[bytes]:
@@ -108,19 +99,7 @@ def work() -> None:
     """Take jobs one by one, each answer in a greenlet of its own."""
     r = _redis()
     jobs, _ = _keys()
-
-    def make(verify: ssl.SSLContext) -> openai.OpenAI:
-        return openai.OpenAI(
-            api_key=os.environ.get("OPENAI_API_KEY") or "not-needed",
-            base_url=os.environ["OPENAI_BASE_URL"],
-            max_retries=0,
-            http_client=openai.DefaultHttpxClient(
-                verify=verify,
-                limits=httpx.Limits(max_connections=20_000, max_keepalive_connections=1000),
-            ),
-        )
-
-    clients = model_client.ClientShards(make)
+    clients = proxy.model_clients()
     print(READY_LINE, flush=True)
     while True:
         _, job = r.brpop([jobs])

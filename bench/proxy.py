@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import openai
@@ -30,7 +30,12 @@ RETRY = ServerSentEvent(retry=1000).encode()
 def create_app() -> Flask:
     """The proxy app; its openai clients (and connection pools) are the worker's kind
     (``model_client.ClientShards``), one set per process."""
-    app = Flask(__name__)
+    clients = model_clients()
+    return stream_app(__name__, lambda model: relay(clients, model))
+
+
+def model_clients() -> model_client.ClientShards:
+    """The model clients of a baseline process (the proxy's, the bare relay's worker)."""
 
     def make(verify: ssl.SSLContext) -> openai.OpenAI:
         return openai.OpenAI(
@@ -45,7 +50,13 @@ def create_app() -> Flask:
             ),
         )
 
-    clients = model_client.ClientShards(make)
+    return model_client.ClientShards(make)
+
+
+def stream_app(name: str, answer: Callable[[str], Iterator[bytes]]) -> Flask:
+    """A baseline's web app: ``POST /stream`` ``{"model"}`` answers with the SSE bytes of
+    ``answer(model)``; ``GET /health``."""
+    app = Flask(name)
 
     @app.get("/health")
     def health() -> dict:
@@ -54,9 +65,7 @@ def create_app() -> Flask:
     @app.post("/stream")
     def stream() -> Response:
         model = str((request.get_json(silent=True) or {}).get("model", ""))
-        return Response(
-            relay(clients, model), mimetype="text/event-stream", direct_passthrough=True
-        )
+        return Response(answer(model), mimetype="text/event-stream", direct_passthrough=True)
 
     return app
 
