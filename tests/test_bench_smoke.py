@@ -55,6 +55,9 @@ def test_quick_bench_writes_a_result(tmp_path: Path, redis_url: str) -> None:
     assert [s["target"] for s in written["idle"]] == ["proxy", "tidechat"]
     assert all("rss_per_client_kb" in p for s in written["idle"] for p in s["levels"])
     assert result["targets"]
+    # The CPU target's row shows the floor of the mission's shape beside the proxy's.
+    cpu = next(t for t in result["targets"] if t["target"].startswith("CPU per delivered"))
+    assert "bare relay" in cpu["proxy"]
 
 
 def test_short_soak_through_a_redis_restart_passes_its_checks(tmp_path: Path) -> None:
