@@ -40,7 +40,6 @@ READY_LINE = "bare relay worker ready"
 BLOCK_MS = 30_000
 TTL_S = 600
 MAX_CONNECTIONS = 20_000
-RETRY = ServerSentEvent(retry=1000).encode()
 
 
 def _keys() -> tuple[str, str]:
@@ -72,7 +71,7 @@ def create_app() -> Flask:
 def tail(r: redis.Redis, key: str) -> Iterator[bytes]:
     """The answer's events from its stream's start: every entry one blocking ``XREAD``
     returns goes out in one write."""
-    yield RETRY
+    yield proxy.RETRY
     cursor: bytes | str = "0-0"
     while True:
         reply = r.xread({key: cursor}, block=BLOCK_MS)
@@ -83,13 +82,11 @@ def tail(r: redis.Redis, key: str) -> Iterator[bytes]:
         for eid, fields in reply[0][1]:
             cursor = eid
             if b"t" in fields:
-                data = dumps({"text": fields[b"t"].decode()})
-                frames.append(ServerSentEvent(id=eid.decode(), event="delta", data=data))
+                event, data = "delta", dumps({"text": fields[b"t"].decode()})
             else:
                 event = "done" if b"done" in fields else "error"
-                data = fields[event.encode()].decode()
-                frames.append(ServerSentEvent(id=eid.decode(), event=event, data=data))
-                ended = True
+                data, ended = fields[event.encode()].decode(), True
+            frames.append(ServerSentEvent(id=eid.decode(), event=event, data=data))
         yield b"".join(frame.encode() for frame in frames)
         if ended:
             return
