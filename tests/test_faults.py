@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -43,6 +46,7 @@ from tests.faults import (
     wait_all_final,
     wait_streaming,
     wait_text,
+    words,
 )
 from tidechat import db
 
@@ -466,3 +470,55 @@ def test_huge_cursor_is_400_and_does_not_stall_other_streams(make_stack, model_s
     assert gaps and max(gaps) < 1.0, (max(gaps), stack.evidence())
     assert_all_done_exactly(stack, http, answers, timeout=10)
     assert_new_message_works(stack, http, model_server, answer.cid)
+
+
+# -- 10. SQLite's write lock held by another process ------------------------------------------
+HOLD_LOCK = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+print("releasing", flush=True)
+db.execute("ROLLBACK")
+"""
+
+
+def test_sqlite_locked_by_another_process_stalls_no_stream(make_stack, model_server, tmp_path):
+    """A backup, a migration or a script holds SQLite's write lock while someone sends a
+    message and another answer ends: the POST and the worker's write of that end wait for
+    it, and both processes go on serving everyone else (SQLite's own wait for a lock sleeps
+    in C, where gevent cannot switch: every stream of the process stopped for as long as
+    the lock was held)."""
+    stack = make_stack()
+    http = stack.http()
+    answers = start_answers(stack, http, model_server, n=1, chunks=50, delay=0.1, stem="lock")
+    watcher = answers[0].followers[0]
+    wait_streaming(answers, deltas=5)
+    chunks = words(5, "locked.")
+    model = model_server.script(chunks=chunks, delay=0.02)
+    cid = new_conversation(http)
+    ending = start_answers(stack, http, model_server, n=1, chunks=5, delay=0.1, stem="end")
+
+    hold = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "tidechat.db"), "2"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert hold.stdout.readline().strip() == "held"
+    with ThreadPoolExecutor(1) as pool:
+        sent = pool.submit(lambda: (post(http, cid, model, "Sent while locked"), time.monotonic()))
+        assert hold.stdout.readline().strip() == "releasing"
+        releasing = time.monotonic()
+        gen, posted = sent.result(timeout=30)
+    hold.wait(timeout=10)
+    assert posted > releasing, "the POST did not wait for the lock: the test proved nothing"
+
+    wait_clients(stack, answers + ending, timeout=20)
+    gaps = watcher.gaps()
+    print(f"largest gap of the other stream while the lock was held {max(gaps or [0]):.2f} s")
+    assert gaps and max(gaps) < 1.0, (max(gaps), stack.evidence())
+    locked = Answer(cid, gen, chunks)
+    locked.followers.append(stack.follow(http, gen, name="locked"))
+    wait_clients(stack, [locked], timeout=20)
+    assert_all_done_exactly(stack, http, [*answers, *ending, locked], timeout=10)

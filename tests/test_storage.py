@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import event, inspect
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from tests.conftest import postgres_database
@@ -199,4 +202,40 @@ def test_an_in_memory_sqlite_database_takes_the_pool_settings_it_has_no_use_for(
     engine = db.make_engine("sqlite:///:memory:", pool)  # (its pool is one per thread)
     with engine.connect() as conn:
         assert conn.exec_driver_sql("select 1").scalar() == 1
+    engine.dispose()
+
+
+def _lock_sqlite(path: str) -> sqlite3.Connection:
+    """Another connection (another process, as far as SQLite knows) takes the write lock."""
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    return holder
+
+
+def test_a_write_to_a_locked_sqlite_database_waits_for_the_lock(tmp_path):
+    url = f"sqlite:///{tmp_path / 'locked.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    holder = _lock_sqlite(str(tmp_path / "locked.db"))
+    release = threading.Timer(0.5, holder.rollback)
+    release.start()
+    with Session(engine) as s:
+        s.add(Conversation(owner="alice"))
+        s.commit()  # waits, then succeeds: nothing lost
+    release.join()
+    with Session(engine) as s:
+        assert [c.owner for c in chat.list_conversations(s, "alice")] == ["alice"]
+    engine.dispose()
+
+
+def test_a_write_to_a_sqlite_database_locked_too_long_fails_as_locked(tmp_path, monkeypatch):
+    monkeypatch.setattr(db, "LOCK_WAIT_SECONDS", 0.3)
+    url = f"sqlite:///{tmp_path / 'locked.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    holder = _lock_sqlite(str(tmp_path / "locked.db"))
+    with Session(engine) as s, pytest.raises(OperationalError, match="database is locked"):
+        s.add(Conversation(owner="alice"))
+        s.commit()
+    holder.rollback()
     engine.dispose()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Flask, current_app, g
 from sqlalchemy import Engine, create_engine, event
@@ -23,9 +25,9 @@ def make_engine(url: str, pool: dict[str, Any] | None = None) -> Engine:
         else:  # one connection per thread, no pool to size
             pool = {}
         # Web and worker greenlets share the pool, so connections move between "threads".
-        engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, **pool
-        )
+        # timeout 0: SQLite's own wait for a lock would freeze a gevent process (below).
+        connect = {"check_same_thread": False, "timeout": 0, "factory": WaitingConnection}
+        engine = create_engine(url, connect_args=connect, **pool)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # connect_timeout: a database that blackholes must fail a request (503), not hang it
@@ -39,9 +41,62 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     # it never blocks a gevent process for an fsync; a power cut (not a crash) may lose the
     # last commits, never consistency.
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+# -- waiting for SQLite's lock --------------------------------------------------------------
+# SQLite has one writer at a time. Its own wait for the lock (busy_timeout) sleeps in C,
+# where gevent cannot switch: a web or worker process waiting for a lock that another
+# process held (the other of the two, the release step, a backup) ran nothing else, and
+# every stream it served stopped for as long as the lock was held (up to the 30 s timeout).
+# Here a statement that finds the database locked fails at once, and is tried again after a
+# ``time.sleep``, which gevent makes cooperative; outside gevent it is the same wait.
+LOCK_WAIT_SECONDS = 30.0
+_BUSY = (sqlite3.SQLITE_BUSY, 261)  # 261: SQLITE_BUSY_RECOVERY
+# Not SQLITE_BUSY_SNAPSHOT (517): a transaction that read an older state cannot write, and
+# waiting does not help it (SQLite's busy handler does not retry it either).
+T = TypeVar("T")
+
+
+def _waiting(attempt: Callable[[], T], conn: sqlite3.Connection) -> T:
+    """``attempt()``, tried again while the database is locked and the attempt changed
+    nothing (a statement that finds it locked fails before its first change)."""
+    deadline, delay = time.monotonic() + LOCK_WAIT_SECONDS, 0.0005
+    while True:
+        changes = conn.total_changes
+        try:
+            return attempt()
+        except sqlite3.OperationalError as exc:
+            retry = exc.sqlite_errorcode in _BUSY and conn.total_changes == changes
+            if not retry or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.025)
+
+
+class WaitingCursor(sqlite3.Cursor):
+    def execute(self, sql: str, parameters: Any = (), /) -> WaitingCursor:
+        return _waiting(
+            lambda: super(WaitingCursor, self).execute(sql, parameters), self.connection
+        )
+
+    def executemany(self, sql: str, seq: Any, /) -> WaitingCursor:
+        rows = list(seq)
+        return _waiting(lambda: super(WaitingCursor, self).executemany(sql, rows), self.connection)
+
+
+class WaitingConnection(sqlite3.Connection):
+    """A connection whose statements and commits wait for a lock without blocking gevent."""
+
+    def cursor(self, factory: type[sqlite3.Cursor] = WaitingCursor) -> sqlite3.Cursor:
+        return super().cursor(factory)
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        return self.cursor().execute(sql, parameters)
+
+    def commit(self) -> None:
+        _waiting(super().commit, self)
 
 
 def init_app(app: Flask) -> None:
