@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 
 from tests.conftest import postgres_database
 from tests.helpers import read_events, start
@@ -60,3 +62,43 @@ def test_chat_and_stop_on_postgres(pg_stack, model_server):
     by_gid = {gid: (content, status) for gid, content, status in rows}
     assert by_gid[gen["id"]] == ("stored in Postgres", "done")
     assert by_gid[stopped["id"]] == (partial, "cancelled")
+
+
+def _sessions(url: str) -> int:
+    """Connections ever opened to the test's database (PostgreSQL counts a session when it
+    ends, or at its next report: a connection opened and closed again is always counted)."""
+    name = make_url(url).database
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        count = conn.execute(
+            text("SELECT sessions FROM pg_stat_database WHERE datname = :name"), {"name": name}
+        ).scalar_one()
+    engine.dispose()
+    return count
+
+
+def _burst(web: WebProc, model: str, n: int) -> list[str]:
+    """``n`` people send at once and read their answers to the end; the texts."""
+
+    def one(_: int) -> str:
+        with httpx.Client(base_url=web.url, timeout=30) as http:
+            return streamed_text(read_events(http, start(http, model)[1]["events_url"]))
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def test_a_burst_of_answers_reuses_its_database_connections(pg_stack, model_server):
+    """A burst of more answers than a process keeps connections for must not open a
+    connection per answer: opening one costs the database a new backend process and each
+    side a handshake, and in a burst of 100 on two cores it made first tokens 30 % later."""
+    web, url = pg_stack
+    model = model_server.script(chunks=["kept ", "open"], delay=0.05)
+    assert _burst(web, model, 1) == ["kept open"]  # the web process has listed the model
+    assert _burst(web, model, 40) == ["kept open"] * 40  # opens what the bursts need
+    time.sleep(1.5)
+    before = _sessions(url)
+    assert _burst(web, model, 40) == ["kept open"] * 40
+    time.sleep(1.5)
+    opened = _sessions(url) - before
+    assert opened <= 4, f"{opened} database connections opened for 40 answers"

@@ -33,11 +33,13 @@ DEFAULTS: dict[str, Any] = {
     # Every process of a deployment must agree on it; changing it strands running answers.
     "REDIS_CLUSTER_BUCKETS": 16,
     "DATABASE_URL": f"sqlite:///{INSTANCE_DIR / 'tidechat.db'}",
-    # Per process: connections kept, more opened in a burst, and how long a request waits
-    # for one once all are in use (then 503 "busy"). Size them to the server's
-    # max_connections over every web and worker process.
-    "DATABASE_POOL_SIZE": 10,
-    "DATABASE_MAX_OVERFLOW": 20,
+    # Per process: connections opened as needed and kept, more opened for a burst and
+    # closed after each use, and how long a request waits for one once all are in use (then
+    # 503 "busy"). Size them to the server's max_connections over every web and worker
+    # process. No overflow by default: under gevent a burst past the kept connections opened
+    # and closed one per answer (a new PostgreSQL backend each time, first tokens 30 % later).
+    "DATABASE_POOL_SIZE": 30,
+    "DATABASE_MAX_OVERFLOW": 0,
     "DATABASE_POOL_TIMEOUT": 10.0,
     "OPENAI_API_KEY": "",
     "OPENAI_BASE_URL": "",
