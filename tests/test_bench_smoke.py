@@ -58,6 +58,11 @@ def test_quick_bench_writes_a_result(tmp_path: Path, redis_url: str) -> None:
     # The CPU target's row shows the floor of the mission's shape beside the proxy's.
     cpu = next(t for t in result["targets"] if t["target"].startswith("CPU per delivered"))
     assert "bare relay" in cpu["proxy"]
+    # Every process stopped cleanly: no greenlet died with an error (the baselines' web
+    # processes once failed at SIGTERM, building a Tidechat stream hub they do not have).
+    logs = {log.name: log.read_text() for log in Path(written["logs"]).glob("*.log")}
+    assert {"proxy.log", "bare.log", "tidechat.log", "worker.log"} <= set(logs)
+    assert not {name for name, text in logs.items() if " failed with " in text}
 
 
 def test_short_soak_through_a_redis_restart_passes_its_checks(tmp_path: Path) -> None:
