@@ -51,17 +51,19 @@ def post_worker_init(worker) -> None:
     from tidechat.views.hub import drain
 
     error_reporting.init("web")
-    stop = worker.handle_exit
-
-    def handle_exit(sig, frame) -> None:
-        stop(sig, frame)
-        gevent.spawn(drain, worker.wsgi)
-
-    signal.signal(signal.SIGTERM, handle_exit)
-
     from tidechat import gc_freeze, sweeper
 
-    sweeper.start(worker.wsgi)  # every process offers to sweep; one at a time does
+    # The bench's baselines (bench/proxy.py, bench/bare_relay.py) run with this file too:
+    # they have no streams to drain and nothing to sweep.
+    if "stream_bus" in worker.wsgi.extensions:
+        stop = worker.handle_exit
+
+        def handle_exit(sig, frame) -> None:
+            stop(sig, frame)
+            gevent.spawn(drain, worker.wsgi)
+
+        signal.signal(signal.SIGTERM, handle_exit)
+        sweeper.start(worker.wsgi)  # every process offers to sweep; one at a time does
     gc_freeze.freeze_startup_objects()  # last: after everything startup builds
 
 

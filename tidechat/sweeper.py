@@ -116,7 +116,5 @@ _started: dict[int, Sweeper] = {}
 
 def start(app: Flask) -> None:
     """Start this process's sweeper (once per app)."""
-    if "stream_bus" not in app.extensions:  # not Tidechat's app (the bench's proxy)
-        return
     if id(app) not in _started and float(app.config["SWEEP_INTERVAL"]) > 0:
         _started[id(app)] = Sweeper(app).start()
