@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -85,3 +86,11 @@ def wait_status(http: httpx.Client, gid: str, statuses: set[str], timeout: float
         if generation["status"] in statuses or time.monotonic() > deadline:
             return generation
         time.sleep(0.05)
+
+
+def lock_sqlite(path: str) -> sqlite3.Connection:
+    """Take SQLite's write lock on ``path`` from this process (to the app's processes, as
+    a backup or a script would); ``rollback()`` gives it back, from any thread."""
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    return holder

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +46,7 @@ from tests.faults import (
     wait_text,
     words,
 )
+from tests.helpers import lock_sqlite
 from tidechat import db
 
 pytestmark = pytest.mark.e2e
@@ -473,17 +472,6 @@ def test_huge_cursor_is_400_and_does_not_stall_other_streams(make_stack, model_s
 
 
 # -- 10. SQLite's write lock held by another process ------------------------------------------
-HOLD_LOCK = """
-import sqlite3, sys, time
-db = sqlite3.connect(sys.argv[1], isolation_level=None)
-db.execute("BEGIN IMMEDIATE")
-print("held", flush=True)
-time.sleep(float(sys.argv[2]))
-print("releasing", flush=True)
-db.execute("ROLLBACK")
-"""
-
-
 def test_sqlite_locked_by_another_process_stalls_no_stream(make_stack, model_server, tmp_path):
     """A backup, a migration or a script holds SQLite's write lock while someone sends a
     message and another answer ends: the POST and the worker's write of that end wait for
@@ -500,18 +488,13 @@ def test_sqlite_locked_by_another_process_stalls_no_stream(make_stack, model_ser
     cid = new_conversation(http)
     ending = start_answers(stack, http, model_server, n=1, chunks=5, delay=0.1, stem="end")
 
-    hold = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "tidechat.db"), "2"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert hold.stdout.readline().strip() == "held"
+    holder = lock_sqlite(str(tmp_path / "tidechat.db"))  # this test's process: not the app's
     with ThreadPoolExecutor(1) as pool:
         sent = pool.submit(lambda: (post(http, cid, model, "Sent while locked"), time.monotonic()))
-        assert hold.stdout.readline().strip() == "releasing"
+        time.sleep(2)
         releasing = time.monotonic()
+        holder.rollback()
         gen, posted = sent.result(timeout=30)
-    hold.wait(timeout=10)
     assert posted > releasing, "the POST did not wait for the lock: the test proved nothing"
 
     wait_clients(stack, answers + ending, timeout=20)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Iterator
 
@@ -12,6 +11,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from tests.conftest import postgres_database
+from tests.helpers import lock_sqlite
 from tidechat import chat, db, models
 from tidechat.models import Conversation, new_id
 from tidechat.stream_bus import Entry
@@ -205,18 +205,11 @@ def test_an_in_memory_sqlite_database_takes_the_pool_settings_it_has_no_use_for(
     engine.dispose()
 
 
-def _lock_sqlite(path: str) -> sqlite3.Connection:
-    """Another connection (another process, as far as SQLite knows) takes the write lock."""
-    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    holder.execute("BEGIN IMMEDIATE")
-    return holder
-
-
 def test_a_write_to_a_locked_sqlite_database_waits_for_the_lock(tmp_path):
     url = f"sqlite:///{tmp_path / 'locked.db'}"
     db.upgrade(url)
     engine = db.make_engine(url)
-    holder = _lock_sqlite(str(tmp_path / "locked.db"))
+    holder = lock_sqlite(str(tmp_path / "locked.db"))
     release = threading.Timer(0.5, holder.rollback)
     release.start()
     with Session(engine) as s:
@@ -233,7 +226,7 @@ def test_a_write_to_a_sqlite_database_locked_too_long_fails_as_locked(tmp_path, 
     url = f"sqlite:///{tmp_path / 'locked.db'}"
     db.upgrade(url)
     engine = db.make_engine(url)
-    holder = _lock_sqlite(str(tmp_path / "locked.db"))
+    holder = lock_sqlite(str(tmp_path / "locked.db"))
     with Session(engine) as s, pytest.raises(OperationalError, match="database is locked"):
         s.add(Conversation(owner="alice"))
         s.commit()
