@@ -10,8 +10,7 @@ from tests.helpers import start, wait_status
 
 pytestmark = pytest.mark.e2e
 
-# More than the worker's database pool holds (SQLite: SQLAlchemy's 5 + 10 overflow;
-# PostgreSQL: tidechat/db.py's 10 + 20).
+# More than the worker's database pool holds (tidechat/config.py: 30, no overflow).
 GENERATIONS = 40
 FIRST_TOKEN_DELAY = 8.0
 
