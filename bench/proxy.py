@@ -20,6 +20,7 @@ import httpx
 import openai
 from flask import Flask, Response, request
 
+from tidechat.config import DEFAULTS
 from tidechat.sse import ServerSentEvent
 from tidechat.stream_bus import dumps
 from worker import model_client
@@ -44,9 +45,16 @@ def model_clients() -> model_client.ClientShards:
             timeout=float(os.environ.get("TIDECHAT_OPENAI_TIMEOUT", "60")),
             max_retries=0,
             # The SDK's default pool stops at 1000 connections; the idle sweep holds 10,000.
+            # Idle connections are kept as long as Tidechat's worker keeps them.
             http_client=openai.DefaultHttpxClient(
                 verify=verify,
-                limits=httpx.Limits(max_connections=20_000, max_keepalive_connections=1000),
+                limits=httpx.Limits(
+                    max_connections=20_000,
+                    max_keepalive_connections=1000,
+                    keepalive_expiry=float(
+                        os.environ.get("TIDECHAT_OPENAI_KEEPALIVE", DEFAULTS["OPENAI_KEEPALIVE"])
+                    ),
+                ),
             ),
         )
 

@@ -101,6 +101,7 @@ class ModelServer:
         self.scripts: dict[str, Script] = {}
         self.records: dict[str, list[Record]] = {}
         self._lock = threading.Lock()
+        self._idle: set[socket.socket] = set()  # kept connections waiting for a request
         handler = type("Handler", (_Handler,), {"model_server": self})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
@@ -126,6 +127,15 @@ class ModelServer:
             self.scripts[name] = script or Script(**kwargs)
             self.records[name] = []
         return name
+
+    def close_idle(self) -> int:
+        """Close every kept connection that waits for its next request, as a server's idle
+        timeout does (uvicorn's and llama.cpp's: 5 s); how many there were."""
+        with self._lock:
+            idle, self._idle = list(self._idle), set()
+        for conn in idle:
+            conn.shutdown(socket.SHUT_RDWR)
+        return len(idle)
 
     def requests_for(self, model: str) -> list[Record]:
         with self._lock:
@@ -156,6 +166,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
         pass
+
+    def handle_one_request(self) -> None:
+        with self.model_server._lock:  # idle until its request line has arrived
+            self.model_server._idle.add(self.connection)
+        try:
+            super().handle_one_request()
+        finally:
+            self._busy()
+
+    def parse_request(self) -> bool:
+        self._busy()
+        return super().parse_request()
+
+    def _busy(self) -> None:
+        with self.model_server._lock:
+            self.model_server._idle.discard(self.connection)
 
     def do_GET(self) -> None:
         if self.path.rstrip("/") == "/v1/models":

@@ -212,7 +212,7 @@ def test_real_model_continues_a_partial_answer_where_it_stopped(local_app):
         if "EMBEDDED_MODEL_PORT" in p.environ()
     )
     config = {"OPENAI_API_KEY": "", "OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1",
-              "OPENAI_TIMEOUT": 60, "OPENAI_MAX_RETRIES": 0}  # fmt: skip
+              "OPENAI_TIMEOUT": 60, "OPENAI_MAX_RETRIES": 0, "OPENAI_KEEPALIVE": 60}  # fmt: skip
     question = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]
     request = model_client.Request(
         LOCAL_MODEL, question, temperature=0, max_tokens=24,

@@ -13,6 +13,7 @@ CONFIG = {
     "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
     "OPENAI_TIMEOUT": 5,
     "OPENAI_MAX_RETRIES": 0,
+    "OPENAI_KEEPALIVE": 60,
 }
 
 

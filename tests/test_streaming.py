@@ -171,6 +171,41 @@ def test_answers_one_after_another_share_one_connection_to_the_model(http, model
     assert len({r.client_port for r in records}) == 1, "each answer opened a new connection"
 
 
+def test_an_answer_after_a_pause_reuses_the_connection_to_the_model(http, model_server):
+    """A person's next message usually comes more than 5 s after the last answer (the
+    HTTP library's own keep-alive), and must not cost a new TCP and TLS handshake with the
+    model server (TIDECHAT_OPENAI_KEEPALIVE, 60 s)."""
+    model = model_server.script(chunks=["After ", "a pause."], reuse=True)
+    cid = new_conversation(http)
+    events = read_events(http, send(http, cid, "one", model)["events_url"])
+    assert text(events) == "After a pause."
+    time.sleep(6.0)
+    events = read_events(http, send(http, cid, "two", model)["events_url"])
+    assert kinds(events) == ["delta", "done"] and text(events) == "After a pause."
+    first, second = model_server.requests_for(model)
+    assert first.client_port == second.client_port, "the answer opened a new connection"
+
+
+def test_a_model_server_closing_idle_connections_costs_the_next_answer_nothing(
+    http, model_server, worker
+):
+    """A server that closes its idle connections sooner than Tidechat would keep them
+    (uvicorn's and llama.cpp's 5 s): the next answer notices, opens a new one and streams
+    exactly, with no error and no retry."""
+    model = model_server.script(chunks=["Fresh ", "line."], reuse=True)
+    cid = new_conversation(http)
+    events = read_events(http, send(http, cid, "one", model)["events_url"])
+    assert text(events) == "Fresh line."
+    assert model_server.close_idle() >= 1
+    time.sleep(0.2)  # (the FIN reaches the worker's end)
+    logged = len(worker.output())
+    events = read_events(http, send(http, cid, "two", model)["events_url"])
+    assert kinds(events) == ["delta", "done"] and text(events) == "Fresh line."
+    first, second = model_server.requests_for(model)
+    assert first.client_port != second.client_port
+    assert "Retrying request" not in worker.output()[logged:]  # (the SDK's, at INFO)
+
+
 def test_a_model_server_slow_to_end_its_body_after_done_does_not_hold_the_answer(
     http, model_server
 ):

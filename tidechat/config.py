@@ -47,6 +47,11 @@ DEFAULTS: dict[str, Any] = {
     "ANSWER_DEADLINE": 600.0,  # seconds an answer may take in all, then upstream_timeout
     "TOKEN_DEADLINE": 120.0,  # seconds without a token (keep-alives don't count), likewise
     "OPENAI_MAX_RETRIES": 2,  # retries of the request itself (429/5xx/connect), never mid-stream
+    # Seconds an idle connection to the model server is kept for the next answer. The HTTP
+    # library's own 5 s closed it between most of a person's messages, so their next answer
+    # paid a new TCP and TLS handshake; a server that closes sooner is noticed (its EOF) and
+    # a new one opened. Kept under the idle limits of NATs and firewalls that drop silently.
+    "OPENAI_KEEPALIVE": 60.0,
     "DEFAULT_MODEL": "gpt-4o-mini",
     "BACKEND_LABEL": "",  # a name for the model server on the page (default: none shown)
     # What a request may ask of the model (tidechat/policy.py)

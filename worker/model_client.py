@@ -58,7 +58,17 @@ def make_client(config: dict[str, Any], verify: ssl.SSLContext | None = None) ->
         base_url=config["OPENAI_BASE_URL"] or None,
         timeout=float(config["OPENAI_TIMEOUT"]),
         max_retries=int(config["OPENAI_MAX_RETRIES"]),
-        http_client=None if verify is None else openai.DefaultHttpxClient(verify=verify),
+        http_client=openai.DefaultHttpxClient(
+            **({} if verify is None else {"verify": verify}),
+            limits=connection_limits(float(config["OPENAI_KEEPALIVE"])),
+        ),
+    )
+
+
+def connection_limits(keepalive: float, connections: int = 1000) -> httpx2.Limits:
+    """The SDK's own pool limits, but idle connections kept ``keepalive`` seconds."""
+    return httpx2.Limits(
+        max_connections=connections, max_keepalive_connections=100, keepalive_expiry=keepalive
     )
 
 
