@@ -190,13 +190,9 @@ class _Served:
 
     def cpu(self) -> float:
         """CPU seconds the web process has used, all its threads (nanosecond counters)."""
-        total = 0
-        for task in Path(f"/proc/{self.pid}/task").iterdir():
-            try:
-                total += int((task / "schedstat").read_text().split()[0])
-            except FileNotFoundError:  # a thread that ended since the listing
-                continue
-        return total / 1e9
+        from bench.metrics import cpu_seconds_exact
+
+        return cpu_seconds_exact(self.pid)
 
     def stop(self) -> None:
         self.http.close()

@@ -105,3 +105,21 @@ def test_post_cost_measures_both_servers(redis_url: str) -> None:
         assert set(rows) == {("page", 2), ("page", 200), ("v1", 2), ("v1", 200)}
         assert all(row["p50_ms"] > 0 for row in rows.values())
     assert [row["sql"] for row in inproc["rows"] if row["door"] == "page"] == [4, 4]
+
+
+def test_celery_floor_starts_every_task_of_its_bursts(tmp_path: Path, redis_url: str) -> None:
+    """``python -m bench.celery_floor``: Tidechat's own Celery worker, its generation task
+    recording only when it began, starts every task of each burst."""
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.celery_floor", "--sizes", "3,7", "--bursts", "2",
+         "--concurrency", "20", "--output", str(tmp_path)],
+        cwd=ROOT, env={**os.environ, "REDIS_URL": redis_url},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    (written,) = tmp_path.glob("celery-floor-*.json")
+    rows = json.loads(written.read_text())["rows"]
+    assert [(row["size"], len(row["bursts"])) for row in rows] == [(3, 2), (7, 2)]
+    for row in rows:
+        assert 0 < row["p50_ms"] <= row["max_ms"]
+        assert row["cpu_ms_per_task"] > 0
