@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import ssl
+import types
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +77,26 @@ def connection_limits(keepalive: float, connections: int = 1000) -> httpx2.Limit
 POOLS = 16  # connection pools per process (ClientShards)
 
 
+def check_idle_connections_in_place() -> None:
+    """Let the HTTP pool check its idle connections without leaving the greenlet.
+
+    Each time a request starts, the pool asks every idle connection it holds whether the
+    server closed it, by ``select.poll`` with a timeout of 0. Under gevent's patched
+    ``select`` that poll is a trip through the hub, once per idle connection: with
+    connections kept between answers, a burst of answers spent its starts queued behind
+    everything else ready to run. The check never blocks, so the original poll serves."""
+    from gevent import monkey
+
+    if monkey.is_module_patched("select"):
+        import httpcore2._utils as pool_utils  # (the connection pool under this SDK's httpx2)
+
+        pool_utils.select = types.SimpleNamespace(
+            poll=monkey.get_original("select", "poll"),
+            select=monkey.get_original("select", "select"),
+            POLLIN=select.POLLIN,
+        )
+
+
 class ClientShards:
     """Several SDK clients, each with its own connection pool; each stream borrows the
     least busy (the first of them on a tie).
@@ -92,6 +114,7 @@ class ClientShards:
     def __init__(
         self, make: Callable[[ssl.SSLContext], openai.OpenAI], pools: int = POOLS
     ) -> None:
+        check_idle_connections_in_place()
         verify = httpx2.create_ssl_context()  # (the HTTP library of this openai SDK)
         self.clients = [make(verify) for _ in range(max(1, pools))]
         self.busy = [0] * len(self.clients)  # streams each client carries now
