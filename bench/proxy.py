@@ -16,7 +16,6 @@ import os
 import ssl
 from collections.abc import Callable, Iterator
 
-import httpx
 import openai
 from flask import Flask, Response, request
 
@@ -37,6 +36,7 @@ def create_app() -> Flask:
 
 def model_clients() -> model_client.ClientShards:
     """The model clients of a baseline process (the proxy's, the bare relay's worker)."""
+    keepalive = float(os.environ.get("TIDECHAT_OPENAI_KEEPALIVE", DEFAULTS["OPENAI_KEEPALIVE"]))
 
     def make(verify: ssl.SSLContext) -> openai.OpenAI:
         return openai.OpenAI(
@@ -48,13 +48,7 @@ def model_clients() -> model_client.ClientShards:
             # Idle connections are kept as long as Tidechat's worker keeps them.
             http_client=openai.DefaultHttpxClient(
                 verify=verify,
-                limits=httpx.Limits(
-                    max_connections=20_000,
-                    max_keepalive_connections=1000,
-                    keepalive_expiry=float(
-                        os.environ.get("TIDECHAT_OPENAI_KEEPALIVE", DEFAULTS["OPENAI_KEEPALIVE"])
-                    ),
-                ),
+                limits=model_client.connection_limits(keepalive, connections=20_000, kept=1000),
             ),
         )
 

@@ -61,16 +61,17 @@ def make_client(config: dict[str, Any], verify: ssl.SSLContext | None = None) ->
         timeout=float(config["OPENAI_TIMEOUT"]),
         max_retries=int(config["OPENAI_MAX_RETRIES"]),
         http_client=openai.DefaultHttpxClient(
-            **({} if verify is None else {"verify": verify}),
+            verify=True if verify is None else verify,
             limits=connection_limits(float(config["OPENAI_KEEPALIVE"])),
         ),
     )
 
 
-def connection_limits(keepalive: float, connections: int = 1000) -> httpx2.Limits:
-    """The SDK's own pool limits, but idle connections kept ``keepalive`` seconds."""
+def connection_limits(keepalive: float, connections: int = 1000, kept: int = 100) -> httpx2.Limits:
+    """The SDK's own pool limits (``connections`` at most, ``kept`` of them idle), with idle
+    connections kept ``keepalive`` seconds."""
     return httpx2.Limits(
-        max_connections=connections, max_keepalive_connections=100, keepalive_expiry=keepalive
+        max_connections=connections, max_keepalive_connections=kept, keepalive_expiry=keepalive
     )
 
 
