@@ -27,9 +27,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench import worker_app  # noqa: F401  (its ready line)
+from bench import worker_app  # noqa: F401  (in the worker: it prints the ready line)
 from bench.metrics import cpu_seconds_exact
-from bench.procs import BIN, spawn, wait_for
+from bench.procs import start_worker
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 OUTPUT = Path(__file__).resolve().parent / "output"
@@ -64,18 +64,6 @@ def settings(prefix: str, rundir: Path) -> dict[str, str]:
         "LOG_LEVEL": "warning",
         "PYTHONUNBUFFERED": "1",
     }
-
-
-def start_worker(env: dict[str, str], rundir: Path, concurrency: int) -> Any:
-    argv = [
-        str(BIN / "celery"), "-A", "bench.celery_floor", "worker", "--pool", "gevent",
-        "--concurrency", str(concurrency), "--loglevel", "WARNING",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-        "--hostname", f"floor-{os.getpid()}@%h",
-    ]  # fmt: skip
-    proc = spawn("floor_worker", argv, env, rundir)
-    wait_for(lambda: worker_app.READY_LINE in proc.output(), proc, "celery worker")
-    return proc
 
 
 def burst(app: Any, size: int, worker_pid: int, timeout: float = 60) -> dict[str, float]:
@@ -117,7 +105,9 @@ def run(sizes: list[int], bursts: int, concurrency: int) -> dict[str, Any]:
 
     db.upgrade(env["DATABASE_URL"])
     app = create_app()
-    proc = start_worker({**os.environ, **env}, rundir, concurrency)
+    proc = start_worker(
+        dict(os.environ), rundir, concurrency, "floor_worker", app="bench.celery_floor"
+    )
     rows = []
     try:
         pid = proc.work_pid()

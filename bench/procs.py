@@ -123,13 +123,18 @@ def start_model_server(env: dict[str, str], logdir: Path) -> Proc:
 
 
 def start_worker(
-    env: dict[str, str], logdir: Path, concurrency: int, name: str = "worker"
+    env: dict[str, str],
+    logdir: Path,
+    concurrency: int,
+    name: str = "worker",
+    app: str = "bench.worker_app",
 ) -> Proc:
-    """One Celery worker process with the gevent pool (``name``: its log's and host's)."""
+    """One Celery worker process with the gevent pool (``name``: its log's and host's;
+    ``app``: a module that prints ``bench.worker_app``'s ready line, as that one does)."""
     from bench.worker_app import READY_LINE  # not at import: tests/stack.py imports this
 
     argv = [
-        str(BIN / "celery"), "-A", "bench.worker_app", "worker",
+        str(BIN / "celery"), "-A", app, "worker",
         "--pool", "gevent", "--concurrency", str(concurrency), "--loglevel", "WARNING",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
         "--hostname", f"bench-{os.getpid()}-{name}@%h",
