@@ -25,11 +25,20 @@ answer is cancelled through the real core (``answers.cancel``) and the messages 
 are deleted, so every request sees a conversation of exactly its length with nothing in
 progress. ``limits on`` is the production configuration except the rate-limit amounts
 (the same windows, so the same Redis work, but high enough not to refuse a benchmark).
+
+``--against REV`` measures git revision ``REV``'s app in the same run, each case taking turns
+with this checkout's (``--rounds`` times), and prints each row's ratio to it: the cost on
+this machine as a fraction of that code's, which a CPU-seconds figure from another machine
+is not. The revision runs from a temporary worktree with this checkout's measuring code
+copied in (``BENCH_CODE``) and a database of its own; it must still run on this
+environment's packages. ``--against 0b75606`` is the code issue 14 measured its 6-8 ms
+POST on.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -41,9 +50,14 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parent.parent
+# What a baseline's worktree gets from this checkout: the measuring code, not the app.
+BENCH_CODE = ("bench/post_cost.py", "bench/metrics.py", "bench/procs.py", "bench/limits.py")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -330,67 +344,55 @@ def _postgres_database():
     return make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False), drop
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.post_cost", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--db", default="sqlite,postgres", help="sqlite, postgres or both")
-    parser.add_argument("--limits", default="off,on", help="off, on or both")
-    parser.add_argument("-n", type=int, default=100, help="requests per case (default 100)")
-    parser.add_argument(
-        "--profile", type=int, choices=LENGTHS, help="cProfile (top 15) at this length"
-    )
-    parser.add_argument(
-        "--server", default="inproc,served", help="inproc (Flask's test client), served or both"
-    )
-    parser.add_argument("--json", action="store_true", help="print the raw results as JSON")
-    # internal: "<database url>|<on|off>|<inproc|served>"
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+def _database(kind: str) -> tuple[str, Any]:
+    """A fresh database of ``kind``: its URL, and what drops it (or None)."""
+    if kind == "sqlite":
+        return f"sqlite:///{Path(tempfile.mkdtemp(prefix='tcpost-')) / 'tidechat.db'}", None
+    return _postgres_database()
 
-    if args.one:
-        url, mode, server = args.one.rsplit("|", 2)
-        print(json.dumps(run_one(url, mode == "on", args.n, args.profile, server == "served")))
-        return 0
 
-    results = []
-    cases = [(kind, mode, server) for kind in args.db.split(",")
-             for mode in args.limits.split(",") for server in args.server.split(",")]  # fmt: skip
-    for kind, mode, server in cases:
-        drop = None
-        if kind == "sqlite":
-            tmp = tempfile.mkdtemp(prefix="tcpost-")
-            url = f"sqlite:///{Path(tmp) / 'tidechat.db'}"
-        else:
-            try:
-                url, drop = _postgres_database()
-            except Exception as exc:  # noqa: BLE001
-                print(f"(skipping PostgreSQL: {exc.__class__.__name__}: {exc})", file=sys.stderr)
-                continue
-        cmd = [
-            sys.executable,
-            "-m",
-            "bench.post_cost",
-            "--one",
-            f"{url}|{mode}|{server}",
-            "-n",
-            str(args.n),
-        ]
-        if args.profile:
-            cmd += ["--profile", str(args.profile)]
-        try:
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        except subprocess.CalledProcessError as exc:
-            print(exc.stdout, exc.stderr, file=sys.stderr)
-            raise
-        finally:
-            if drop is not None:
-                drop()
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    if args.json:
-        print(json.dumps(results, indent=2))
-        return 0
-    print(f"web CPU per POST (ms), {args.n} requests per row; per request: sql statements, "
+def _run_case(root: Path, kind: str, mode: str, server: str, n: int, profile: int | None) -> dict:
+    """One configuration in a process of its own, on the app of the checkout at ``root``."""
+    url, drop = _database(kind)
+    cmd = [sys.executable, "-m", "bench.post_cost", "--one", f"{url}|{mode}|{server}", "-n", str(n)]
+    if profile:
+        cmd += ["--profile", str(profile)]
+    try:
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=root).stdout
+    except subprocess.CalledProcessError as exc:
+        print(exc.stdout, exc.stderr, file=sys.stderr)
+        raise
+    finally:
+        if drop is not None:
+            drop()
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@contextmanager
+def _worktree(rev: str) -> Iterator[Path]:
+    """A temporary checkout of ``rev`` with this checkout's measuring code."""
+    path = Path(tempfile.mkdtemp(prefix="tcpost-base-")) / "tree"
+    git = ["git", "-C", str(ROOT)]
+    subprocess.run([*git, "worktree", "add", "--detach", "-q", str(path), rev], check=True)
+    try:
+        for name in BENCH_CODE:
+            (path / name).write_bytes((ROOT / name).read_bytes())
+        yield path
+    finally:
+        subprocess.run([*git, "worktree", "remove", "--force", str(path)], check=False)
+
+
+def _median_rows(runs: list[dict]) -> dict:
+    """One configuration's runs merged: each row's p50 and mean the median of the runs'."""
+    merged = dict(runs[0], rows=[dict(row) for row in runs[0]["rows"]])
+    for i, row in enumerate(merged["rows"]):
+        for key in ("p50_ms", "mean_ms"):
+            row[key] = statistics.median(run["rows"][i][key] for run in runs)
+    return merged
+
+
+def _print_table(results: list[dict], n: int, profile: int | None) -> None:
+    print(f"web CPU per POST (ms), {n} requests per row; per request: sql statements, "
           "Message rows the ORM loaded, Redis round trips")  # fmt: skip
     print(f"{'database':<11}{'limits':<8}{'server':<8}{'door':<6}{'messages':>9}{'p50':>8}"
           f"{'mean':>8}{'sql':>6}{'loaded':>8}{'redis':>7}")  # fmt: skip
@@ -407,8 +409,79 @@ def main(argv: list[str] | None = None) -> int:
             )
         for door, text in (res.get("profile") or {}).items():
             print(f"\n--- {res['database']}, limits {'on' if res['limits'] else 'off'}, {door}, "
-                  f"{args.profile} messages, 50 requests ---")  # fmt: skip
+                  f"{profile} messages, 50 requests ---")  # fmt: skip
             print("\n".join(line for line in text.strip().splitlines() if line.strip()))
+
+
+def _print_ratios(ours: list[dict], theirs: list[dict], rev: str) -> None:
+    print(f"\nthis checkout's p50 against {rev}'s, same cases (median of the rounds)")
+    print(f"{'database':<11}{'limits':<8}{'server':<8}{'door':<6}{'messages':>9}"
+          f"{'this':>8}{rev[:10]:>12}{'ratio':>8}")  # fmt: skip
+    for res, base in zip(ours, theirs, strict=True):
+        for row, brow in zip(res["rows"], base["rows"], strict=True):
+            print(
+                f"{res['database']:<11}{'on' if res['limits'] else 'off':<8}"
+                f"{'served' if res['served'] else 'inproc':<8}{row['door']:<6}"
+                f"{row['messages']:>9}{row['p50_ms']:>8.2f}{brow['p50_ms']:>12.2f}"
+                f"{row['p50_ms'] / brow['p50_ms']:>8.2f}"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.post_cost", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--db", default="sqlite,postgres", help="sqlite, postgres or both")
+    parser.add_argument("--limits", default="off,on", help="off, on or both")
+    parser.add_argument("-n", type=int, default=100, help="requests per case (default 100)")
+    parser.add_argument(
+        "--profile", type=int, choices=LENGTHS, help="cProfile (top 15) at this length"
+    )
+    parser.add_argument(
+        "--server", default="inproc,served", help="inproc (Flask's test client), served or both"
+    )
+    parser.add_argument(
+        "--against", metavar="REV", help="also measure git revision REV's app, taking turns"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="runs of each case (each side), default 1"
+    )
+    parser.add_argument("--json", action="store_true", help="print the raw results as JSON")
+    # internal: "<database url>|<on|off>|<inproc|served>"
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.one:
+        url, mode, server = args.one.rsplit("|", 2)
+        print(json.dumps(run_one(url, mode == "on", args.n, args.profile, server == "served")))
+        return 0
+
+    cases = [(kind, mode, server) for kind in args.db.split(",")
+             for mode in args.limits.split(",") for server in args.server.split(",")]  # fmt: skip
+    if args.db != "sqlite":
+        try:  # PostgreSQL reachable?
+            _postgres_database()[1]()
+        except Exception as exc:  # noqa: BLE001
+            print(f"(skipping PostgreSQL: {exc.__class__.__name__}: {exc})", file=sys.stderr)
+            cases = [case for case in cases if case[0] == "sqlite"]
+    with _worktree(args.against) if args.against else contextlib.nullcontext() as base:
+        roots = [ROOT] if base is None else [ROOT, base]
+        runs: dict[Path, list[list[dict]]] = {root: [[] for _ in cases] for root in roots}
+        for _ in range(args.rounds):
+            for i, case in enumerate(cases):
+                for root in roots:  # taking turns: the machine's drift falls on both alike
+                    profile = args.profile if root == ROOT else None
+                    runs[root][i].append(_run_case(root, *case, args.n, profile))
+    results = {root: [_median_rows(case_runs) for case_runs in per] for root, per in runs.items()}
+    if args.json:
+        print(json.dumps({"this": results[ROOT], args.against: results.get(base)}, indent=2)
+              if base else json.dumps(results[ROOT], indent=2))  # fmt: skip
+        return 0
+    _print_table(results[ROOT], args.n, args.profile)
+    if base is not None:
+        print(f"\n{args.against}:")
+        _print_table(results[base], args.n, None)
+        _print_ratios(results[ROOT], results[base], args.against)
     return 0
 
 
