@@ -44,6 +44,7 @@ import io
 import json
 import os
 import pstats
+import shutil
 import statistics
 import subprocess
 import sys
@@ -116,7 +117,8 @@ def run_one(
         event.listen(models.Message, "load", lambda *a: _count(statements, "rows"))
         _count_redis_round_trips(statements)
         result: dict[str, Any] = {
-            "database": engine.dialect.name, "limits": limits_on, "served": served, "rows": []
+            "database": engine.dialect.name, "limits": limits_on, "served": served, "rows": [],
+            "app": str(Path(models.__file__).resolve().parent.parent),  # the code measured
         }  # fmt: skip
         convs = {(door, length): bench.conversation(length) for door in ("page", "v1")
                  for length in LENGTHS}  # fmt: skip
@@ -380,6 +382,7 @@ def _worktree(rev: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run([*git, "worktree", "remove", "--force", str(path)], check=False)
+        shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def _median_rows(runs: list[dict]) -> dict:

@@ -107,6 +107,30 @@ def test_post_cost_measures_both_servers(redis_url: str) -> None:
     assert [row["sql"] for row in inproc["rows"] if row["door"] == "page"] == [4, 4]
 
 
+def test_post_cost_measures_another_revision_from_its_own_checkout(redis_url: str) -> None:
+    """``--against REV``: the revision's app is what the baseline rows measured (not this
+    checkout's, which an installed package or a process's working directory could give),
+    and its temporary worktree is gone afterwards."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.post_cost", "--db", "sqlite", "--limits", "off",
+         "--server", "inproc", "-n", "2", "--against", "HEAD", "--json"],
+        cwd=ROOT, env={**os.environ, "REDIS_URL": redis_url},
+        check=True, capture_output=True, text=True, timeout=300,
+    ).stdout  # fmt: skip
+    results = json.loads(out)
+    (ours,), (theirs,) = results["this"], results["HEAD"]
+    assert Path(ours["app"]) == ROOT.resolve()
+    assert Path(theirs["app"]).name == "tree" and not Path(theirs["app"]).exists()
+    assert all(row["p50_ms"] > 0 for row in ours["rows"] + theirs["rows"])
+    worktrees = subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "list", "--porcelain"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert theirs["app"] not in worktrees
+
+
 def test_celery_floor_starts_every_task_of_its_bursts(tmp_path: Path, redis_url: str) -> None:
     """``python -m bench.celery_floor``: Tidechat's own Celery worker, its generation task
     recording only when it began, starts every task of each burst."""
