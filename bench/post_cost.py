@@ -44,15 +44,12 @@ import io
 import json
 import os
 import pstats
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -370,21 +367,6 @@ def _run_case(root: Path, kind: str, mode: str, server: str, n: int, profile: in
     return json.loads(out.strip().splitlines()[-1])
 
 
-@contextmanager
-def _worktree(rev: str) -> Iterator[Path]:
-    """A temporary checkout of ``rev`` with this checkout's measuring code."""
-    path = Path(tempfile.mkdtemp(prefix="tcpost-base-")) / "tree"
-    git = ["git", "-C", str(ROOT)]
-    subprocess.run([*git, "worktree", "add", "--detach", "-q", str(path), rev], check=True)
-    try:
-        for name in BENCH_CODE:
-            (path / name).write_bytes((ROOT / name).read_bytes())
-        yield path
-    finally:
-        subprocess.run([*git, "worktree", "remove", "--force", str(path)], check=False)
-        shutil.rmtree(path.parent, ignore_errors=True)
-
-
 def _median_rows(runs: list[dict]) -> dict:
     """One configuration's runs merged: each row's p50 and mean the median of the runs'."""
     merged = dict(runs[0], rows=[dict(row) for row in runs[0]["rows"]])
@@ -467,7 +449,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001
             print(f"(skipping PostgreSQL: {exc.__class__.__name__}: {exc})", file=sys.stderr)
             cases = [case for case in cases if case[0] == "sqlite"]
-    with _worktree(args.against) if args.against else contextlib.nullcontext() as base:
+    from bench.procs import worktree
+
+    against = worktree(args.against, BENCH_CODE) if args.against else None
+    with against or contextlib.nullcontext() as base:
         roots = [ROOT] if base is None else [ROOT, base]
         runs: dict[Path, list[list[dict]]] = {root: [[] for _ in cases] for root in roots}
         for _ in range(args.rounds):

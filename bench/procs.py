@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,14 +71,33 @@ class Proc:
         return [c.pid for c in children] or [self.popen.pid]
 
 
+@contextlib.contextmanager
+def worktree(rev: str, copy: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A temporary checkout of ``rev`` (a ``git worktree``) with this checkout's files
+    ``copy`` written over its own, removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="tcbench-tree-")) / "tree"
+    git = ["git", "-C", str(ROOT)]
+    subprocess.run([*git, "worktree", "add", "--detach", "-q", str(path), rev], check=True)
+    try:
+        for name in copy:
+            (path / name).write_bytes((ROOT / name).read_bytes())
+        yield path
+    finally:
+        subprocess.run([*git, "worktree", "remove", "--force", str(path)], check=False)
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
 def _child_setup() -> None:
     raise_nofile()
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def spawn(name: str, argv: list[str], env: dict[str, str], logdir: Path) -> Proc:
-    """Start ``argv`` in its own session with output in ``logdir/<name>.log``."""
+    """Start ``argv`` in its own session with output in ``logdir/<name>.log``, on this
+    checkout's code: first on ``PYTHONPATH``, before the checkout the venv has installed
+    (a Celery worker started from a second worktree ran the installed one's)."""
     log = logdir / f"{name}.log"
+    env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
     with log.open("ab") as handle:
         popen = subprocess.Popen(
             argv,

@@ -6,6 +6,7 @@ At ``--loglevel WARNING`` (no per-task log lines to slow the worker) Celery does
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from celery.signals import worker_ready
@@ -15,7 +16,9 @@ READY_LINE = "bench worker ready"
 
 @worker_ready.connect
 def _announce(**_kwargs: Any) -> None:
-    print(READY_LINE, flush=True)
+    import worker  # where the worker's code came from: an A/B run needs it from its checkout
+
+    print(f"{READY_LINE}: code from {Path(worker.__file__).resolve().parent.parent}", flush=True)
 
 
 def __getattr__(name: str) -> Any:

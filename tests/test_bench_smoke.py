@@ -131,6 +131,35 @@ def test_post_cost_measures_another_revision_from_its_own_checkout(redis_url: st
     assert theirs["app"] not in worktrees
 
 
+_START_WORKER = """
+import sys, uuid
+from pathlib import Path
+from bench import celery_floor, procs
+env = celery_floor.settings(f"tctree:{uuid.uuid4().hex[:8]}:", Path(sys.argv[1]))
+proc = procs.start_worker(env, Path(sys.argv[1]), 2)
+proc.stop()
+print(proc.output())
+"""
+
+
+def test_a_worker_started_from_another_checkout_runs_that_checkouts_code(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """An A/B run starts one side's processes from a second checkout (a git worktree): its
+    Celery worker must run that checkout's code, not the one the venv has installed (it
+    did not: Celery puts the working directory on ``sys.path`` only while it imports the
+    app module, so the later imports came from the installed checkout)."""
+    from bench.procs import worktree
+
+    with worktree("HEAD", ("bench/procs.py", "bench/worker_app.py")) as tree:
+        out = subprocess.run(
+            [sys.executable, "-c", _START_WORKER, str(tmp_path)],
+            cwd=tree, env={**os.environ, "REDIS_URL": redis_url},
+            check=True, capture_output=True, text=True, timeout=120,
+        ).stdout  # fmt: skip
+        assert f"bench worker ready: code from {tree}\n" in out, out
+
+
 def test_celery_floor_starts_every_task_of_its_bursts(tmp_path: Path, redis_url: str) -> None:
     """``python -m bench.celery_floor``: Tidechat's own Celery worker, its generation task
     recording only when it began, starts every task of each burst."""
