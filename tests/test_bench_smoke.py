@@ -134,11 +134,18 @@ def test_post_cost_measures_another_revision_from_its_own_checkout(redis_url: st
 _START_WORKER = """
 import sys, uuid
 from pathlib import Path
+import redis
 from bench import celery_floor, procs
-env = celery_floor.settings(f"tctree:{uuid.uuid4().hex[:8]}:", Path(sys.argv[1]))
-proc = procs.start_worker(env, Path(sys.argv[1]), 2)
-proc.stop()
-print(proc.output())
+prefix = f"tctree:{uuid.uuid4().hex[:8]}:"
+env = celery_floor.settings(prefix, Path(sys.argv[1]))
+try:
+    proc = procs.start_worker(env, Path(sys.argv[1]), 2)
+    proc.stop()
+    print(proc.output())
+finally:  # the worker's keys in the shared Redis
+    r = redis.Redis.from_url(env["REDIS_URL"])
+    for key in r.scan_iter(match=prefix + "*", count=1000):
+        r.delete(key)
 """
 
 
