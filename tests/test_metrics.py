@@ -28,10 +28,11 @@ def scrape(client: httpx.Client) -> dict[tuple[str, tuple], float]:
 
 
 @pytest.fixture(scope="module")
-def own_stack(process_env, workdir):
+def own_stack(process_env, workdir, key_prefix, redis_client):
     """A web process (two gunicorn workers) and a worker with a key prefix of their own,
-    so the app-wide counts start at zero."""
-    prefix = f"tcmetrics:{uuid.uuid4().hex[:8]}:"
+    so the app-wide counts start at zero (under the session's, whose keys are deleted at
+    its end: ``redis_client``)."""
+    prefix = f"{key_prefix}metrics-{uuid.uuid4().hex[:8]}:"
     env = {
         **process_env,
         "TIDECHAT_KEY_PREFIX": prefix,
