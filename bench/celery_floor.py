@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import worker_app  # noqa: F401  (in the worker: it prints the ready line)
-from bench.metrics import cpu_seconds_exact
+from bench.metrics import cpu_seconds_exact, delete_keys
 from bench.procs import start_worker
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -125,9 +125,7 @@ def run(sizes: list[int], bursts: int, concurrency: int) -> dict[str, Any]:
             )
     finally:
         proc.stop()
-        r = app.extensions["stream_bus"].redis
-        for key in r.scan_iter(match=prefix + "*", count=1000):
-            r.delete(key)
+        delete_keys(app.extensions["stream_bus"].redis, prefix)
     return {"concurrency": concurrency, "rows": rows}
 
 

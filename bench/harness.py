@@ -221,8 +221,7 @@ class Stack:
     def stop(self) -> None:
         for proc in reversed(list(self.procs.values())):
             proc.stop()
-        for key in self.redis.scan_iter(match=self.prefix + "*", count=1000):
-            self.redis.delete(key)
+        metrics.delete_keys(self.redis, self.prefix)
 
     def model(self, path: str, post: bool = False) -> dict:
         url = self.procs["model"].url + path

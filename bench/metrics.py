@@ -26,6 +26,12 @@ def redis_commands(client: redis.Redis) -> int:
     return sum(int(v["calls"]) for v in stats.values())
 
 
+def delete_keys(client: redis.Redis, prefix: str) -> None:
+    """Delete a run's keys (every key under its ``prefix``) from a shared Redis."""
+    for key in client.scan_iter(match=prefix + "*", count=1000):
+        client.delete(key)
+
+
 def redis_port(url: str) -> int:
     return urlparse(url).port or 6379
 

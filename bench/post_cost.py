@@ -53,6 +53,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench import metrics
+
 ROOT = Path(__file__).resolve().parent.parent
 # What a baseline's worktree gets from this checkout: the measuring code, not the app.
 BENCH_CODE = ("bench/post_cost.py", "bench/metrics.py", "bench/procs.py", "bench/limits.py")
@@ -160,8 +162,7 @@ def run_one(
     finally:
         if server is not None:
             server.stop()
-        for key in r.scan_iter(match=prefix + "*", count=1000):
-            r.delete(key)
+        metrics.delete_keys(r, prefix)
 
 
 def _count(counts: dict[str, int], what: str) -> None:
@@ -203,9 +204,7 @@ class _Served:
 
     def cpu(self) -> float:
         """CPU seconds the web process has used, all its threads (nanosecond counters)."""
-        from bench.metrics import cpu_seconds_exact
-
-        return cpu_seconds_exact(self.pid)
+        return metrics.cpu_seconds_exact(self.pid)
 
     def stop(self) -> None:
         self.http.close()

@@ -135,7 +135,7 @@ _START_WORKER = """
 import sys, uuid
 from pathlib import Path
 import redis
-from bench import celery_floor, procs
+from bench import celery_floor, metrics, procs
 prefix = f"tctree:{uuid.uuid4().hex[:8]}:"
 env = celery_floor.settings(prefix, Path(sys.argv[1]))
 try:
@@ -143,9 +143,7 @@ try:
     proc.stop()
     print(proc.output())
 finally:  # the worker's keys in the shared Redis
-    r = redis.Redis.from_url(env["REDIS_URL"])
-    for key in r.scan_iter(match=prefix + "*", count=1000):
-        r.delete(key)
+    metrics.delete_keys(redis.Redis.from_url(env["REDIS_URL"]), prefix)
 """
 
 
@@ -158,7 +156,10 @@ def test_a_worker_started_from_another_checkout_runs_that_checkouts_code(
     app module, so the later imports came from the installed checkout)."""
     from bench.procs import worktree
 
-    with worktree("HEAD", ("bench/procs.py", "bench/worker_app.py")) as tree:
+    # (this checkout's bench code, which the script runs, over HEAD's: uncommitted work too)
+    bench_code = ("bench/procs.py", "bench/worker_app.py", "bench/metrics.py", "bench/limits.py",
+                  "bench/celery_floor.py")  # fmt: skip
+    with worktree("HEAD", bench_code) as tree:
         out = subprocess.run(
             [sys.executable, "-c", _START_WORKER, str(tmp_path)],
             cwd=tree, env={**os.environ, "REDIS_URL": redis_url},
