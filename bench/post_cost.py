@@ -411,6 +411,24 @@ def _print_ratios(ours: list[dict], theirs: list[dict], rev: str) -> None:
             )
 
 
+OPTIONS = {
+    "--db": ("sqlite", "postgres"),
+    "--limits": ("off", "on"),
+    "--server": ("inproc", "served"),
+}
+
+
+def choices(parser: argparse.ArgumentParser, option: str, value: str) -> list[str]:
+    """An option's values: one, several comma-separated, or ``both``. Anything else is an
+    error (``--db both`` once ran PostgreSQL alone)."""
+    known = OPTIONS[option]
+    values = list(known) if value == "both" else value.split(",")
+    for v in values:
+        if v not in known:
+            parser.error(f"{option}: {v!r} is not one of {', '.join(known)} or both")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.post_cost", description=__doc__.split("\n")[0]
@@ -440,9 +458,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_one(url, mode == "on", args.n, args.profile, server == "served")))
         return 0
 
-    cases = [(kind, mode, server) for kind in args.db.split(",")
-             for mode in args.limits.split(",") for server in args.server.split(",")]  # fmt: skip
-    if args.db != "sqlite":
+    cases = [(kind, mode, server) for kind in choices(parser, "--db", args.db)
+             for mode in choices(parser, "--limits", args.limits)
+             for server in choices(parser, "--server", args.server)]  # fmt: skip
+    if any(kind == "postgres" for kind, _, _ in cases):
         try:  # PostgreSQL reachable?
             _postgres_database()[1]()
         except Exception as exc:  # noqa: BLE001

@@ -94,7 +94,7 @@ def test_post_cost_measures_both_servers(redis_url: str) -> None:
     served rows come from a real gunicorn process (its CPU, no counts)."""
     out = subprocess.run(
         [sys.executable, "-m", "bench.post_cost", "--db", "sqlite", "--limits", "on", "-n", "3",
-         "--json"],
+         "--server", "both", "--json"],
         cwd=ROOT, env={**os.environ, "REDIS_URL": redis_url},
         check=True, capture_output=True, text=True, timeout=300,
     ).stdout  # fmt: skip
@@ -105,6 +105,16 @@ def test_post_cost_measures_both_servers(redis_url: str) -> None:
         assert set(rows) == {("page", 2), ("page", 200), ("v1", 2), ("v1", 200)}
         assert all(row["p50_ms"] > 0 for row in rows.values())
     assert [row["sql"] for row in inproc["rows"] if row["door"] == "page"] == [4, 4]
+
+
+def test_post_cost_refuses_a_value_it_does_not_know() -> None:
+    """``--db both`` once ran PostgreSQL alone: a value is one of the option's, or an error."""
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.post_cost", "--db", "sqlite,mysql"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert "--db: 'mysql' is not one of sqlite, postgres or both" in run.stderr
 
 
 def test_post_cost_measures_another_revision_from_its_own_checkout(redis_url: str) -> None:
