@@ -94,3 +94,16 @@ def lock_sqlite(path: str) -> sqlite3.Connection:
     holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN IMMEDIATE")
     return holder
+
+
+# For a script run in a gevent process: ``busy``, a greenlet body that counts in ``ticks``
+# how often the hub lets it run (something that should not wait, measured by it, leaves
+# ``ticks`` at 0).
+BUSY_GREENLET = """
+ticks = 0
+def busy():
+    global ticks
+    while True:
+        ticks += 1
+        gevent.sleep(0)
+"""

@@ -9,6 +9,7 @@ from contextlib import ExitStack
 
 import pytest
 
+from tests.helpers import BUSY_GREENLET
 from worker import model_client
 
 CONFIG = {
@@ -47,12 +48,7 @@ from worker import model_client
 
 model_client.ClientShards(lambda verify: model_client.make_client(CONFIG, verify), 1)
 ours, servers = socket.socketpair()
-ticks = 0
-def busy():
-    global ticks
-    while True:
-        ticks += 1
-        gevent.sleep(0)
+BUSY_GREENLET
 gevent.spawn(busy)
 gevent.sleep(0)  # (it runs once)
 ticks = 0
@@ -69,7 +65,7 @@ def test_checking_an_idle_model_connection_does_not_stall_the_worker():
     EOF. Under gevent's poll each check was a trip through the hub, so a burst's answers
     started behind everything else ready to run (the busy greenlet ran about 280,000 times
     during these 100 checks); now the check runs in place and still sees a closed one."""
-    script = IDLE_CHECK.replace("CONFIG", repr(CONFIG))
+    script = IDLE_CHECK.replace("BUSY_GREENLET", BUSY_GREENLET).replace("CONFIG", repr(CONFIG))
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     ).stdout
