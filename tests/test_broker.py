@@ -87,14 +87,13 @@ from gevent import monkey; monkey.patch_all()
 import json, gevent, redis
 from kombu import Consumer, Queue
 from app import create_app
+from tests.test_broker import unacked
 from worker import enqueue_generation
 
 app = create_app({"TESTING": True})
-prefix = app.extensions["redis_keys"].celery_prefix()
 r = redis.Redis.from_url(app.config["REDIS_URL"])
 def in_bookkeeping(tags):
-    return [bool(r.hexists(prefix + "unacked", t) or r.zscore(prefix + "unacked_index", t))
-            for t in tags]
+    return [any(unacked(app, r, t)) for t in tags]
 BUSY_GREENLET
 with app.app_context():
     for gid in ("gen-1", "gen-2", "gen-3", "gen-4"):

@@ -40,6 +40,8 @@ import ssl
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import gevent
+from gevent import monkey
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
@@ -60,8 +62,6 @@ ACK_WAIT = 0.005
 def _deferring() -> bool:
     """Whether acks can wait for a greenlet: only where gevent runs every wait (a worker
     with the gevent pool). Elsewhere nothing would run the greenlet: acks go at once."""
-    from gevent import monkey
-
     return monkey.is_module_patched("socket")
 
 
@@ -71,24 +71,21 @@ class QoS(kombu_redis.QoS):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._acks: list[str] = []
-        self._writer: Any = None  # the greenlet that will write them
+        self._acks: list[str] = []  # noted, not yet written: a greenlet will write them
         self._deferring = _deferring()
 
     def ack(self, delivery_tag: str) -> None:
         if not self._deferring:
             return super().ack(delivery_tag)
         self._quick_ack(delivery_tag)  # out of the prefetch count now, as kombu's ack does
+        if not self._acks:  # the first since the last write: it takes the others along
+            gevent.spawn_later(ACK_WAIT, self.write_acks)
         self._acks.append(delivery_tag)
-        if self._writer is None:
-            import gevent
-
-            self._writer = gevent.spawn_later(ACK_WAIT, self.write_acks)
 
     def write_acks(self) -> None:
         """Write the acks noted so far, in one round trip. Never raises: an ack that is
         not written costs a harmless second delivery (see the module's docstring)."""
-        tags, self._acks, self._writer = self._acks, [], None
+        tags, self._acks = self._acks, []
         if not tags:
             return
         try:
