@@ -6,7 +6,8 @@
 Each configuration runs in a process of its own (the rate limiter is module-global): it
 builds the app with the app factory against this machine's Redis (a fresh key prefix,
 deleted afterwards) and a fresh database, makes conversations of 2 and of 200 finished
-messages, then times ``time.process_time()`` around each Flask test-client request:
+messages (and, for the page, one of none: a new conversation's first message, which titles
+it), then times ``time.process_time()`` around each Flask test-client request:
 
 - ``page``: ``POST /api/conversations/<id>/messages`` (stream: answer followed elsewhere);
 - ``v1``: ``POST /v1/responses`` with ``background: true`` and ``previous_response_id`` the
@@ -63,6 +64,9 @@ POSTGRES_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 LENGTHS = (2, 200)
+# (door, messages): a new conversation's first message (page only: it titles it), then
+# each door at each length.
+CASES = (("page", 0), *((door, n) for door in ("page", "v1") for n in LENGTHS))
 MODEL = "bench-model"
 # Production's windows, amounts no benchmark reaches.
 _HIGH_RATES = {
@@ -119,8 +123,7 @@ def run_one(
             "database": engine.dialect.name, "limits": limits_on, "served": served, "rows": [],
             "app": str(Path(models.__file__).resolve().parent.parent),  # the code measured
         }  # fmt: skip
-        convs = {(door, length): bench.conversation(length) for door in ("page", "v1")
-                 for length in LENGTHS}  # fmt: skip
+        convs = {(door, length): bench.conversation(length) for door, length in CASES}
         for key in convs:  # warm up imports, pools, caches
             for _ in range(5):
                 bench.post(key[0], convs[key])
@@ -255,7 +258,7 @@ class _Bench:
                 .order_by(models.Message.seq.desc())
                 .limit(1)
             )
-            return _Conv(conv.id, last.seq, last.generation_id)
+            return _Conv(conv.id, last.seq, last.generation_id) if last else _Conv(conv.id, 0, "")
 
     def client_headers(self) -> dict[str, str]:
         cookie = self.client.get_cookie("session")

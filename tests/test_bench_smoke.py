@@ -102,9 +102,10 @@ def test_post_cost_measures_both_servers(redis_url: str) -> None:
     assert (inproc["served"], served["served"]) == (False, True)
     for result in (inproc, served):
         rows = {(row["door"], row["messages"]): row for row in result["rows"]}
-        assert set(rows) == {("page", 2), ("page", 200), ("v1", 2), ("v1", 200)}
+        assert set(rows) == {("page", 0), ("page", 2), ("page", 200), ("v1", 2), ("v1", 200)}
         assert all(row["p50_ms"] > 0 for row in rows.values())
-    assert [row["sql"] for row in inproc["rows"] if row["door"] == "page"] == [4, 4]
+    # a new conversation's first message (it titles it) included
+    assert [row["sql"] for row in inproc["rows"] if row["door"] == "page"] == [4, 4, 4]
 
 
 def test_post_cost_refuses_a_value_it_does_not_know() -> None:

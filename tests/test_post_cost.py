@@ -122,12 +122,20 @@ def test_a_second_send_is_refused_while_the_answer_is_queued(app, client):
         assert send(client, cid, "Me again").status_code == 202
 
 
-def test_the_first_message_still_titles_a_new_conversation(app, client):
+def test_the_first_message_titles_a_new_conversation_at_no_extra_cost(app, client):
+    warm, _ = conversation(app, client, 2)
+    assert send(client, warm).status_code == 202  # imports, pools, statement caches
     cid = client.post("/api/conversations").get_json()["id"]
     question = "What is the tide doing today at the harbour?"
-    assert send(client, cid, question).status_code == 202
+    with counting(app) as counts:
+        assert send(client, cid, question).status_code == 202
+    # the same four statements as a later turn: the title goes with the conversation's time
+    assert counts == {"statements": 4, "messages_loaded": 0}
     title = client.get(f"/api/conversations/{cid}").get_json()["title"]
     assert title == chat.title_from(question) == "What is the tide doing today at the…"
+    assert send(client, cid, "And the wind?").status_code == 409  # (the first is queued)
+    with db.session_scope(app) as s:
+        assert s.get(models.Conversation, cid).title == title
 
 
 def test_regenerate_costs_the_same_in_a_long_conversation(app, client):
