@@ -31,6 +31,7 @@ def start(
     """Admit a new answer, store it with ``store(generation id)`` (which commits the
     queued assistant message), and queue it. With ``follow``, also a subscription to its
     stream from the start."""
+    _release_connection()
     admission = limits.admit(models.new_id())
     try:
         assistant = store(admission.gid)
@@ -38,6 +39,18 @@ def start(
         admission.withdraw()
         raise
     return assistant, _launch(assistant, admission, follow)
+
+
+def _release_connection() -> None:
+    """Give the request's database connection back to the pool while the admission waits
+    for Redis (``store`` takes one again). Holding it across that round trip, under a burst
+    of a thousand sends a message POST held one of the pool's 30 for 230 ms (median; 1.2 s
+    at most) against 0.5 ms for any other request, and sends past the pool's timeout were
+    refused 503 "busy". Not if the session holds changes of its caller's: those are stored
+    with the answer, or not at all."""
+    s = db.session()
+    if not (s.new or s.dirty or s.deleted):
+        s.commit()  # ends the read transaction: nothing to write
 
 
 def _launch(assistant: Message, admission: limits.Admission, follow: bool) -> Subscription | None:
