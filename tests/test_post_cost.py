@@ -142,7 +142,8 @@ def test_a_send_holds_no_database_connection_while_it_waits_for_redis(app, clien
     """Under a burst a send's admission waits for Redis behind every other request of its
     process. The send used to hold one of the process's pooled database connections all
     that time (a thousand sends at once: 230 ms at the median, 1.2 s at most, against 0.5 ms
-    for any other request), and sends past the pool's timeout were refused 503 "busy"."""
+    for any other request), and sends past the pool's timeout were refused 503 "busy".
+    Through either door."""
     pool = app.extensions["db"].kw["bind"].pool
     admit, held = limits.admit, []
 
@@ -157,7 +158,17 @@ def test_a_send_holds_no_database_connection_while_it_waits_for_redis(app, clien
     gid = first.get_json()["generation"]["id"]
     assert client.post(f"/api/generations/{gid}/cancel").status_code == 200
     assert client.post(f"/api/conversations/{cid}/regenerate").status_code == 202
-    assert held == [0, 0]
+    # the /v1 door: a response, then one that goes on from it (which changes the stored
+    # conversation: only once admitted)
+    key = client.post("/api/keys", json={"name": "held"}).get_json()["key"]
+    auth = {"Authorization": f"Bearer {key}"}
+    body = {"model": "gpt-4o-mini", "input": "Hi", "background": True}
+    rid = client.post("/v1/responses", json=body, headers=auth).get_json()["id"]
+    assert client.post(f"/v1/responses/{rid}/cancel", headers=auth).status_code == 200
+    body |= {"input": "And then?", "instructions": "Be brief.", "previous_response_id": rid}
+    follow_up = client.post("/v1/responses", json=body, headers=auth)
+    assert follow_up.status_code == 200, follow_up.get_json()
+    assert held == [0, 0, 0, 0]
     last = client.get(f"/api/conversations/{cid}").get_json()["messages"][-2:]
     assert [(m["role"], m["content"], m["status"]) for m in last] == [
         ("user", "And then?", models.DONE),

@@ -163,16 +163,18 @@ def create_response():
         **_sampling(body, ("max_output_tokens",)),
     }
     s = db.session()
-    conv, facts = _conversation_for(s, body.get("previous_response_id"))
-    conv.system_prompt = "\n\n".join(p for p in (instructions, system) if p) or None
-    chat.add_history(conv, history)
-    if history:
-        facts = None  # (it has user messages now, maybe)
+    conversation = _conversation_for(s, body.get("previous_response_id"))
+
+    def store(gid: str) -> Message:  # once admitted: a refused response changes nothing
+        conv, facts = conversation()
+        conv.system_prompt = "\n\n".join(p for p in (instructions, system) if p) or None
+        chat.add_history(conv, history)
+        if history:
+            facts = None  # (it has user messages now, maybe)
+        return chat.start_turn(s, conv, question, model, gid, asked, facts)[1]
+
     with _stream_slot(stream) as release:
-        assistant, sub = answers.start(
-            lambda gid: chat.start_turn(s, conv, question, model, gid, asked, facts)[1],
-            follow=stream or not background,
-        )
+        assistant, sub = answers.start(store, follow=stream or not background)
     if stream:
         events = wire.ResponseEvents(assistant)
         return _sse(sub, assistant, _relay(events), events.preamble(), not background, release)
@@ -318,23 +320,30 @@ def _owned_response(s, rid: str) -> Message:
         raise ApiError(404, "not_found", "No such response.") from exc
 
 
-def _conversation_for(s, previous: Any) -> tuple[Conversation, chat.TurnFacts | None]:
-    """A new conversation, or the one ``previous_response_id`` ended (a copy of it up to
-    that response, if the conversation has gone on since: a branch); with its
-    :class:`~tidechat.chat.TurnFacts` if it is the stored one."""
+def _conversation_for(s, previous: Any) -> Callable[[], tuple[Conversation, chat.TurnFacts | None]]:
+    """What makes a response's conversation: a new one, or the one ``previous_response_id``
+    ended (a copy of it up to that response, if the conversation has gone on since: a
+    branch), with its :class:`~tidechat.chat.TurnFacts` if it is the stored one. Its reads
+    (404, 409) happen now; its writes when called, once the response is admitted: until
+    then the session holds no change, and gives its connection back while the admission
+    waits for Redis (``answers.start``)."""
     owner = accounts.current_owner()
     if previous is None:
-        conv = Conversation(owner=owner)
-        s.add(conv)
-        return conv, None
+
+        def new() -> tuple[Conversation, None]:
+            conv = Conversation(owner=owner)
+            s.add(conv)
+            return conv, None
+
+        return new
     if not isinstance(previous, str):
         raise _bad("'previous_response_id' must be a response id.", "previous_response_id")
     prior = _owned_response(s, previous)
     conv = prior.conversation
     facts = answers.ensure_idle(s, conv, chat.turn_facts(s, conv, after=prior.seq))
     if not facts.later:
-        return conv, facts
-    return chat.branch(s, conv, prior), None
+        return lambda: (conv, facts)
+    return lambda: (chat.branch(s, conv, prior), None)
 
 
 @contextmanager
