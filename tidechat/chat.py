@@ -300,9 +300,7 @@ def start_turn(
     message titles the conversation."""
     title = None if (facts or turn_facts(s, conv)).has_user else title_from(content)
     user = _message("user", content, models.DONE)
-    assistant = _message("assistant", "", models.QUEUED, model, gid, request)
-    _store(s, conv, [user, assistant], title)
-    return user, assistant
+    return user, queue_answer(s, conv, model, gid, request, user, title)
 
 
 def add_history(conv: Conversation, turns: list[tuple[str, str]]) -> None:
@@ -342,10 +340,19 @@ def branch(s: Session, conv: Conversation, upto: Message) -> Conversation:
     return copy
 
 
-def queue_answer(s: Session, conv: Conversation, model: str, gid: str) -> Message:
-    """A queued assistant message for generation ``gid``, committed (regenerate)."""
-    assistant = _message("assistant", "", models.QUEUED, model, gid)
-    _store(s, conv, [assistant])
+def queue_answer(
+    s: Session,
+    conv: Conversation,
+    model: str,
+    gid: str,
+    request: dict | None = None,
+    user: Message | None = None,
+    title: str | None = None,
+) -> Message:
+    """A queued assistant message for generation ``gid`` (after ``user``, a new user
+    message to store first; ``title``: the conversation's new one), committed."""
+    assistant = _message("assistant", "", models.QUEUED, model, gid, request)
+    _store(s, conv, [m for m in (user, assistant) if m is not None], title)
     return assistant
 
 
